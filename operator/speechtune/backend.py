@@ -1,0 +1,85 @@
+"""The one interface between the engine and whatever runs trials.
+
+A backend launches a trial, hands back its output lines from the start, says
+how it ended, and stops it. The local backend runs subprocesses; the
+Kubernetes backend runs Jobs and reads pod logs. The engine never knows which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from speechtune import spec
+
+PARAMS_ENV = "SPEECHTUNE_PARAMS"
+
+
+@dataclass(frozen=True)
+class TrialLaunch:
+    """Everything needed to start one trial, independent of where it runs."""
+
+    study: str
+    number: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    params: Mapping[str, Any]
+    template: spec.TrialTemplate = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a trial's process ended. ``reason`` is empty on success."""
+
+    succeeded: bool
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+
+
+class TrialRun(Protocol):
+    def lines(self) -> AsyncIterator[bytes]:
+        """Every output line from the start; ends when the trial's output ends."""
+
+    async def wait(self) -> Exit:
+        """Wait for the trial to end and say how."""
+
+    async def stop(self) -> None:
+        """Stop the trial (pruned, or the study is over); idempotent."""
+
+
+class Backend(Protocol):
+    async def launch(self, launch: TrialLaunch) -> TrialRun:
+        """Start a trial. Launching the same study and number twice starts it once."""
+
+    async def attach(self, study: str, number: int) -> TrialRun | None:
+        """Reconnect to a trial started by an earlier engine, or None if it is gone."""
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def build_launch(study: str, number: int, template: spec.TrialTemplate, params: Mapping[str, Any],
+                 overrides: Mapping[str, Any] | None = None) -> TrialLaunch:
+    """The trial's argv and env: template args, then one ``--name=value`` flag per parameter.
+
+    Parameters come last so that they override the template's own flags, and
+    ``overrides`` (e.g. a fidelity level) come after the sampled parameters.
+    """
+    values = {**params, **(overrides or {})}
+    flags = tuple(f"--{name}={format_value(value)}" for name, value in values.items())
+    env = {
+        **template.env,
+        PARAMS_ENV: json.dumps(values, sort_keys=True),
+        "SPEECHTUNE_STUDY": study,
+        "SPEECHTUNE_TRIAL": str(number),
+    }
+    return TrialLaunch(study=study, number=number, argv=template.command + template.args + flags, env=env,
+                       params=values, template=template)

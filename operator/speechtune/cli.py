@@ -1,0 +1,169 @@
+"""`speechtune`: run a study on this machine, validate a spec, show a leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from speechtune import leaderboard, spec
+from speechtune.engine import Engine, Event
+from speechtune.local import LocalProcessBackend
+from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
+
+DEFAULT_STORAGE = "sqlite:///speechtune.db"
+EXIT_FAILED, EXIT_INVALID = 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speechtune", description="Tune speech models with Optuna.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a study on this machine: trials as local processes")
+    run.add_argument("file", type=Path)
+    run.add_argument("--storage", help=f"Optuna storage URL (default: spec.storage.url, else {DEFAULT_STORAGE})")
+    run.add_argument("--parallelism", type=int, help="trials at once (overrides spec.parallelism)")
+    run.add_argument("--max-trials", type=int, help="total trials (overrides spec.maxTrials)")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    run.add_argument("--workdir", type=Path, help="where trial logs go (default: .speechtune/<study>)")
+    run.add_argument("--top", type=int, default=10, help="leaderboard rows")
+
+    validate = commands.add_parser("validate", help="check a study file; print every problem")
+    validate.add_argument("file", type=Path)
+
+    status = commands.add_parser("status", help="a study's leaderboard, from storage alone")
+    status.add_argument("study")
+    status.add_argument("--storage", default=DEFAULT_STORAGE)
+    status.add_argument("--top", type=int, default=10)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        if args.command == "validate":
+            return _validate(args, console)
+        if args.command == "status":
+            return _status(args, console)
+        return _run(args, console)
+    except spec.SpecError as error:
+        _print_problems(error, console)
+        return EXIT_INVALID
+    except StorageUnavailable as error:
+        console.print(f"[red]error:[/red] {error}")
+        return EXIT_FAILED
+
+
+def _print_problems(error: spec.SpecError, console: Console) -> None:
+    console.print(f"[red]invalid study spec: {len(error.problems)} problem(s)[/red]")
+    for path, message in error.problems:
+        console.print(f"  {path}: {message}", markup=False, highlight=False)
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    study = spec.load_study(args.file)
+    console.print(f"{args.file}: valid study {study.name!r}, {len(study.search_space)} parameters")
+    return 0
+
+
+def _check_cli_override(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise spec.SpecError([(flag, f"must be >= 1, got {value}")])
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    study = spec.load_study(args.file)
+    _check_cli_override(args.parallelism, "--parallelism")
+    _check_cli_override(args.max_trials, "--max-trials")
+    study = replace(
+        study,
+        parallelism=args.parallelism or study.parallelism,
+        max_trials=args.max_trials or study.max_trials,
+    )
+    if study.storage.secret_name and not args.storage:
+        raise spec.SpecError([("spec.storage.secretRef", "names a Kubernetes Secret; locally, pass --storage URL")])
+    url = args.storage or study.storage.url or DEFAULT_STORAGE
+    storage = WriteThroughStorage(open_rdb(url))
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
+    backend = LocalProcessBackend(args.workdir or Path(".speechtune") / study.name)
+    display = _Display(console, study)
+    engine = Engine(study, storage, backend, notify=display.event)
+    display.engine = engine
+    console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, "
+                  f"{study.max_trials} trials, {study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
+    with Live(display, console=console, refresh_per_second=4, transient=True):
+        outcome = asyncio.run(engine.run())
+    console.print(leaderboard.table(engine.study, study.objective.metric, args.top))
+    colour = "green" if outcome.state == "Succeeded" else "red"
+    console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
+    console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)
+    return 0 if outcome.state == "Succeeded" else EXIT_FAILED
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    storage = WriteThroughStorage(open_rdb(args.storage))
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
+        console.print(f"[red]error:[/red] no study {args.study!r} in {redact(args.storage)} (studies there: {names})")
+        return EXIT_FAILED
+    metric = study.user_attrs.get("objective", "value")
+    console.print(leaderboard.table(study, metric, args.top))
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    console.print(", ".join(f"{state.lower()} {count}" for state, count in sorted(counts.items())))
+    return 0
+
+
+class _Display:
+    """The live progress view: a bar, counts and the best value so far, plus an event log."""
+
+    def __init__(self, console: Console, study: spec.Study):
+        self.console = console
+        self.study = study
+        self.engine: Engine | None = None
+        self.started = time.monotonic()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        )
+        self.task = self.progress.add_task("trials", total=study.max_trials)
+
+    def event(self, event: Event) -> None:
+        if event.kind == "started":
+            return
+        style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red"}.get(event.kind, "")
+        prefix = f"trial {event.number} " if event.number is not None else ""
+        self.console.print(Text(f"{time.strftime('%H:%M:%S')} {prefix}{event.kind}: {event.message}", style=style))
+
+    def __rich__(self) -> Group:
+        line = Text("")
+        if self.engine is not None:
+            counts = self.engine.counts()
+            done = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
+            self.progress.update(self.task, completed=done, total=self.engine.budget.max_trials)
+            best = self.engine.best_trial()
+            best_text = f"best {self.study.objective.metric} {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
+            line = Text(
+                f"running {counts['RUNNING']}  complete {counts['COMPLETE']}  pruned {counts['PRUNED']}  "
+                f"failed {counts['FAIL']}  |  {best_text}"
+            )
+        return Group(self.progress, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The study loop: ask -> launch -> ingest -> report/prune -> tell.
+
+The engine is free of Kubernetes. It keeps ``parallelism`` trials running
+through a backend, turns protocol lines into Optuna reports, asks the pruner
+after every new value, and records how each trial ended. Optuna storage is the
+system of record, so a new engine on the same storage continues the study.
+
+Recovery policy, for trials left RUNNING by an engine that died: if the
+backend can re-attach (a Kubernetes Job still exists), the trial is followed
+again and its output re-read from the start; values already stored are
+skipped. Otherwise the trial is recorded FAIL with reason ``interrupted`` (not
+counted toward ``maxFailedTrials``) and its configuration is queued again as
+a new trial, inside ``maxTrials``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune import metrics, search, spec
+from speechtune.backend import Backend, Exit, TrialRun, build_launch
+from speechtune.local import LaunchError
+from speechtune.protocol import parse_line
+
+log = logging.getLogger(__name__)
+
+FAIL_REASON = "fail_reason"
+INTERRUPTED = "interrupted"
+REQUEUED_FROM = "requeued_from"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a person would want to know: started, pruned, completed, failed, study-failed, study-succeeded."""
+
+    kind: str
+    number: int | None = None
+    message: str = ""
+    value: float | None = None
+
+
+@dataclass
+class Budget:
+    """The limits that may change while a study runs."""
+
+    max_trials: int
+    parallelism: int
+    max_failed_trials: int
+
+
+@dataclass
+class Outcome:
+    """How the study loop ended."""
+
+    state: str  # Succeeded | Failed
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class TrialFailed(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Engine:
+    def __init__(
+        self,
+        study: spec.Study,
+        storage: optuna.storages.BaseStorage,
+        backend: Backend,
+        *,
+        study_name: str | None = None,
+        namespace: str = "local",
+        notify: Callable[[Event], None] | None = None,
+    ):
+        self.spec = study
+        self.backend = backend
+        self.budget = Budget(study.max_trials, study.parallelism, study.max_failed_trials)
+        self.study_name = study_name or study.name
+        self.labels = {"namespace": namespace, "study": self.study_name}
+        self._notify = notify or (lambda event: None)
+        self._distributions = search.distributions(study.search_space)
+        self._objective = study.objective.metric
+        self._direction = optuna.study.StudyDirection.MINIMIZE if study.objective.direction == "minimize" else optuna.study.StudyDirection.MAXIMIZE
+        if study.sampler.type == "grid":
+            self.budget.max_trials = min(self.budget.max_trials, search.grid_size(study.search_space))
+        self.study = optuna.create_study(
+            study_name=self.study_name, storage=storage, load_if_exists=True,
+            sampler=search.build_sampler(study.sampler, study.search_space),
+            pruner=search.build_pruner(study.pruner), direction=study.objective.direction,
+        )
+        if self.study.user_attrs.get("objective") != self._objective:
+            self.study.set_user_attr("objective", self._objective)  # so `speechtune status` can label the value
+        self._running: dict[int, asyncio.Task] = {}
+        self._runs: dict[int, TrialRun] = {}
+        self._wake = asyncio.Event()
+        self._failed_message = ""
+
+    # -- public -------------------------------------------------------------
+    def update_budget(self, max_trials: int | None = None, parallelism: int | None = None, max_failed_trials: int | None = None) -> None:
+        """Change the budget of a running study; the loop applies it at once."""
+        self.budget = replace(
+            self.budget,
+            **{k: v for k, v in dict(max_trials=max_trials, parallelism=parallelism, max_failed_trials=max_failed_trials).items() if v is not None},
+        )
+        self._wake.set()
+
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.name: 0 for state in TrialState}
+        for trial in self.trials():
+            counts[trial.state.name] += 1
+        counts[INTERRUPTED] = sum(1 for t in self.trials((TrialState.FAIL,)) if t.user_attrs.get(FAIL_REASON) == INTERRUPTED)
+        return counts
+
+    def best_trial(self) -> FrozenTrial | None:
+        try:
+            return self.study.best_trial
+        except ValueError:
+            return None
+
+    async def run(self) -> Outcome:
+        """Run the study to its budget; return Succeeded or Failed with a message."""
+        await self._recover()
+        self._publish_counts()
+        while True:
+            self._wake.clear()
+            while self._can_start():
+                await self._start_next()
+            if not self._running:
+                break
+            if self._failed_message:  # stop the trials still running; their tasks record why
+                await asyncio.gather(*(run.stop() for run in self._runs.values()))
+            woken = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+        counts = self.counts()
+        if self._failed_message:
+            self._notify(Event("study-failed", message=self._failed_message))
+            return Outcome("Failed", self._failed_message, counts)
+        best = self.best_trial()
+        message = f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        if best is not None:
+            message += f"; best {self._objective} {best.value:.4g} (trial {best.number})"
+        self._notify(Event("study-succeeded", message=message))
+        return Outcome("Succeeded", message, counts)
+
+    # -- the loop -----------------------------------------------------------
+    def _real_failures(self) -> int:
+        return sum(1 for t in self.trials((TrialState.FAIL,)) if t.user_attrs.get(FAIL_REASON) != INTERRUPTED)
+
+    def _can_start(self) -> bool:
+        if self._failed_message or len(self._running) >= self.budget.parallelism:
+            return False
+        trials = self.trials()
+        # A WAITING trial (queued again after an interruption) is already counted in the total.
+        return len(trials) < self.budget.max_trials or any(t.state == TrialState.WAITING for t in trials)
+
+    async def _start_next(self) -> None:
+        began = time.perf_counter()
+        trial = self.study.ask(self._distributions)
+        metrics.SUGGEST_SECONDS.labels(**self.labels).observe(time.perf_counter() - began)
+        launch = build_launch(self.study_name, trial.number, self.spec.trial_template, trial.params)
+        trial.set_user_attr("launched_at", time.time())
+        try:
+            run = await self.backend.launch(launch)
+        except LaunchError as exc:
+            self._record_failure(trial.number, trial._trial_id, "LaunchError", str(exc))
+            return
+        self._notify(Event("started", trial.number, _describe(trial.params)))
+        self._follow(trial, run)
+
+    def _follow(self, trial: optuna.Trial, run: TrialRun) -> None:
+        task = asyncio.create_task(self._supervise(trial, run), name=f"trial-{trial.number}")
+        self._running[trial.number] = task
+        self._runs[trial.number] = run
+
+        def forget(_: asyncio.Task) -> None:
+            self._running.pop(trial.number, None)
+            self._runs.pop(trial.number, None)
+
+        task.add_done_callback(forget)
+        self._publish_counts()
+
+    async def _recover(self) -> None:
+        for frozen in self.trials((TrialState.RUNNING,)):
+            run = await self.backend.attach(self.study_name, frozen.number)
+            if run is not None:
+                self._follow(optuna.Trial(self.study, frozen._trial_id), run)
+                continue
+            self._record_failure(frozen.number, frozen._trial_id, INTERRUPTED, "the runner stopped while this trial was running")
+            if len(self.trials()) < self.budget.max_trials:
+                self.study.enqueue_trial(frozen.params, user_attrs={REQUEUED_FROM: frozen.number}, skip_if_exists=False)
+
+    async def _supervise(self, trial: optuna.Trial, run: TrialRun) -> None:
+        started = trial.user_attrs.get("launched_at", time.time())
+        try:
+            state, value = await self._ingest(trial, run)
+        except TrialFailed as failure:
+            await run.stop()
+            if self._failed_message:  # stopped by us, because the study failed
+                failure = TrialFailed("StudyFailed", "stopped because the study failed")
+            self._record_failure(trial.number, trial._trial_id, failure.reason, str(failure))
+            self._finish_metrics("FAIL", started)
+            return
+        if state == TrialState.PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            metrics.PRUNED.labels(**self.labels).inc()
+            self._notify(Event("pruned", trial.number, f"pruned at step {trial_last_step(trial)}", _last_value(trial)))
+        else:
+            self.study.tell(trial, value)
+            self._notify(Event("completed", trial.number, f"{self._objective}={value:.4g}", value))
+            self._publish_best()
+        self._finish_metrics(state.name, started)
+
+    async def _ingest(self, trial: optuna.Trial, run: TrialRun) -> tuple[TrialState, float | None]:
+        """Follow a trial's output; return (PRUNED, None) or (COMPLETE, value), or raise TrialFailed."""
+        reported = dict(self.study._storage.get_trial(trial._trial_id).intermediate_values)
+        final_value: float | None = None
+        last_metrics: dict[str, float] = {}
+        async for raw in run.lines():
+            line = parse_line(raw)
+            if line is None:
+                continue
+            value = line.metrics.get(self._objective)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                where = "final line" if line.final else f"step {line.step}"
+                raise TrialFailed("NaN", f"objective {self._objective} is {value} at {where}")
+            last_metrics = line.metrics
+            if line.final:
+                final_value = value
+                continue
+            if line.step in reported:
+                continue  # already stored: output re-read after a reconnect or restart
+            reported[line.step] = value
+            trial.report(value, line.step)
+            metrics.REPORTED_VALUE.labels(**self.labels, step=metrics.step_bucket(line.step)).observe(value)
+            if line.time is not None:
+                metrics.METRIC_LAG.labels(**self.labels).observe(max(0.0, time.time() - line.time))
+            if trial.should_prune():
+                await run.stop()
+                return TrialState.PRUNED, None
+        exit = await run.wait()
+        if not exit.succeeded:
+            raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
+        if last_metrics:
+            trial.set_user_attr("metrics", last_metrics)
+        if final_value is not None:
+            return TrialState.COMPLETE, final_value
+        if reported:
+            return TrialState.COMPLETE, reported[max(reported)]
+        raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {self._objective!r}")
+
+    # -- bookkeeping --------------------------------------------------------
+    def _record_failure(self, number: int, trial_id: int, reason: str, message: str) -> None:
+        storage = self.study._storage
+        storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+        storage.set_trial_user_attr(trial_id, "fail_message", message)
+        self.study.tell(number, state=TrialState.FAIL)
+        if reason == INTERRUPTED:
+            return
+        self._notify(Event("failed", number, f"{reason}: {message}"))
+        failures = self._real_failures()
+        if failures >= self.budget.max_failed_trials and not self._failed_message:
+            self._failed_message = (
+                f"{failures} trials failed, reaching spec.maxFailedTrials={self.budget.max_failed_trials}; "
+                f"last failure, trial {number}: {reason}: {message}"
+            )
+            self._wake.set()
+
+    def _finish_metrics(self, state: str, started: float) -> None:
+        metrics.TRIALS_FINISHED.labels(**self.labels, state=state).inc()
+        metrics.TRIAL_DURATION.labels(**self.labels, state=state).observe(max(0.0, time.time() - started))
+        self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        for state, count in self.counts().items():
+            if state != INTERRUPTED:
+                metrics.TRIALS.labels(**self.labels, state=state).set(count)
+
+    def _publish_best(self) -> None:
+        best = self.best_trial()
+        if best is not None:
+            metrics.BEST_VALUE.labels(**self.labels, metric=self._objective).set(best.value)
+
+
+def trial_last_step(trial: optuna.Trial | FrozenTrial) -> int | None:
+    frozen = trial if isinstance(trial, FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
+    return frozen.last_step
+
+
+def _last_value(trial: optuna.Trial) -> float | None:
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    return frozen.intermediate_values.get(frozen.last_step) if frozen.last_step is not None else None
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())

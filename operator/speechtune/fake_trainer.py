@@ -1,0 +1,119 @@
+"""A deterministic stand-in trainer for tests, demos and benchmarks.
+
+Its WER is a smooth function of the parameters it is given and of the step,
+printed in the metric protocol like the real trainer does, so studies and
+pruning behave realistically in seconds. Known parameters have an optimum
+(``OPTIMA``); unknown numeric parameters are ignored, as a trainer ignores
+flags it does not use. Fault flags (``--fail-at``, ``--nan-at``, ``--junk``,
+``--hang``) exercise the engine's error paths.
+
+    python -m speechtune.fake_trainer --epochs=9 --lr=0.0003 --num_layers=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import zlib
+
+from speechtune.protocol import report
+
+# name -> (optimum, scale, log-scale?)
+OPTIMA: dict[str, tuple[float, float, bool]] = {
+    "lr": (3e-4, 1.0, True),
+    "learning_rate": (3e-4, 1.0, True),
+    "num_layers": (8.0, 4.0, False),
+    "encoder_layers": (8.0, 4.0, False),
+    "n_mels": (80.0, 40.0, False),
+    "win_length_ms": (25.0, 15.0, False),
+    "d_model": (512.0, 384.0, False),
+    "dropout": (0.1, 0.15, False),
+    "freq_masks": (2.0, 2.0, False),
+    "time_masks": (2.0, 3.0, False),
+    "attention_heads": (4.0, 6.0, False),
+    "x": (0.3, 0.5, False),
+    "y": (-0.2, 0.5, False),
+}
+CATEGORICAL_PENALTY = {"lstm": 0.4, "gru": 0.5, "transformer": 0.15, "conformer": 0.0}
+FIDELITY = ("train_hours", "epochs", "steps")
+
+
+def penalty(params: dict[str, str]) -> float:
+    """Squared distance from the optimum, in scaled units."""
+    total = 0.0
+    for name, raw in params.items():
+        if raw in CATEGORICAL_PENALTY:
+            total += CATEGORICAL_PENALTY[raw]
+            continue
+        if name not in OPTIMA:
+            continue
+        optimum, scale, log = OPTIMA[name]
+        value = float(raw)
+        if log:
+            total += ((math.log10(max(value, 1e-12)) - math.log10(optimum)) / scale) ** 2
+        else:
+            total += ((value - optimum) / scale) ** 2
+    return total
+
+
+def wer(params: dict[str, str], step: int) -> float:
+    """The WER after ``step`` epochs: a learning curve toward a floor set by the params."""
+    hours = float(params.get("train_hours", 10))
+    floor = 0.04 + 0.5 * (1 - math.exp(-penalty(params))) + 0.05 / math.sqrt(max(hours, 0.01))
+    curve = floor + (1.0 - floor) * math.exp(-0.45 * step)
+    noise = (zlib.crc32(repr((sorted(params.items()), step)).encode()) % 1000 - 500) / 1e5
+    return round(min(1.0, max(0.0, curve + noise)), 6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speechtune.fake_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", "--steps", type=int, default=9, dest="epochs")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds per epoch")
+    parser.add_argument("--start-epoch", type=int, default=1, help="first epoch, as after a checkpoint resume")
+    parser.add_argument("--fail-at", type=int, help="exit 3 at this epoch")
+    parser.add_argument("--nan-at", type=int, help="report NaN at this epoch")
+    parser.add_argument("--junk", action="store_true", help="print junk lines around the reports")
+    parser.add_argument("--hang", action="store_true", help="sleep forever after the first report")
+    parser.add_argument("--no-metrics", action="store_true", help="exit 0 without reporting")
+    known, rest = parser.parse_known_args(argv)
+    params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
+    if known.no_metrics:
+        print("training... done (but forgot to report)")
+        return 0
+    for epoch in range(known.start_epoch, known.epochs + 1):
+        if known.sleep:
+            time.sleep(known.sleep)
+        if known.fail_at == epoch:
+            print(f"fake trainer: simulated crash at epoch {epoch}", file=sys.stderr)
+            return 3
+        if known.junk:
+            _junk()
+        value = float("nan") if known.nan_at == epoch else wer(params, epoch)
+        report(step=epoch, wer=value, cer=value / 2)
+        if known.hang:
+            time.sleep(10**6)
+    report(final=True, wer=wer(params, known.epochs))
+    return 0
+
+
+def _flag(arg: str) -> tuple[str, str]:
+    name, value = arg[2:].split("=", 1)
+    return name.replace("-", "_"), value
+
+
+def _junk() -> None:
+    out = sys.stdout.buffer
+    out.write(b'{"speechtune": 1, "step": "three", "wer": 0.0}\n')  # wrong type
+    out.write(b'{"speechtune": 2, "step": 1, "wer": 0.0}\n')  # unknown protocol version
+    out.write(b'{"loss": 0.1, "step": 1}\n')  # someone else's JSON
+    out.write(b"\xff\xfe\x00binary\x00junk\n")
+    out.write(b'{"speechtune": 1, "step": 1, "wer": 0.0, "pad": "' + b"x" * (70 * 1024) + b'"}\n')  # over 64 KiB
+    out.write(b"epoch done " + os.urandom(32).replace(b"\n", b"") + b"\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

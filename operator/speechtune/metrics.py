@@ -1,0 +1,43 @@
+"""Prometheus metrics, with the same names in `speechtune run` and the operator.
+
+Labels never carry a trial number: studies have thousands of trials.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_STUDY = ["namespace", "study"]
+WER_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, float("inf"))
+
+TRIALS = Gauge("speechtune_trials", "Trials of a study by current state", _STUDY + ["state"])
+TRIALS_FINISHED = Counter("speechtune_trials_finished", "Trials that ended, by final state", _STUDY + ["state"])
+BEST_VALUE = Gauge("speechtune_best_value", "Best objective value of a study so far", _STUDY + ["metric"])
+REPORTED_VALUE = Histogram(
+    "speechtune_reported_value", "Objective values reported by trials, by step (bucketed) or rung",
+    _STUDY + ["step"], buckets=WER_BUCKETS,
+)
+PRUNED = Counter("speechtune_pruned", "Trials stopped early by the pruner", _STUDY)
+PROMOTIONS = Counter("speechtune_promotions", "Configurations promoted to a higher fidelity level", _STUDY + ["rung"])
+TRIAL_DURATION = Histogram(
+    "speechtune_trial_duration_seconds", "Wall time of finished trials", _STUDY + ["state"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")),
+)
+SUGGEST_SECONDS = Histogram(
+    "speechtune_suggest_seconds", "Time spent sampling a new trial (ask)", _STUDY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),
+)
+METRIC_LAG = Histogram(
+    "speechtune_metric_lag_seconds", "From a trainer printing a value to the value being in storage", _STUDY,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, float("inf")),
+)
+
+
+def step_bucket(step: int) -> str:
+    """Exact steps up to 16, then powers of two, so the label set stays small."""
+    if step <= 16:
+        return str(step)
+    bucket = 32
+    while step > bucket:
+        bucket *= 2
+    return f"le{bucket}"

@@ -1,0 +1,159 @@
+"""How Optuna searches: distributions, samplers and pruners built from the spec."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Container
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune import spec
+
+# Above this many finished trials, history-based samplers see a bounded window
+# (the best trials plus the most recent ones), so `ask` stays fast at 10,000+.
+HISTORY_WINDOW = 600
+HISTORY_ELITE = 150
+
+
+def distributions(space: tuple[spec.Param, ...]) -> dict[str, BaseDistribution]:
+    result: dict[str, BaseDistribution] = {}
+    for param in space:
+        if isinstance(param, spec.IntParam):
+            result[param.name] = IntDistribution(param.low, param.high, log=param.log, step=param.step)
+        elif isinstance(param, spec.FloatParam):
+            result[param.name] = FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+        else:
+            result[param.name] = CategoricalDistribution(param.choices)
+    return result
+
+
+def build_sampler(sampler: spec.Sampler, space: tuple[spec.Param, ...]) -> BaseSampler:
+    seed = sampler.seed
+    if sampler.type == "tpe":
+        # constant_liar steers parallel asks away from configurations still running.
+        base: BaseSampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler.startup_trials, constant_liar=True)
+    elif sampler.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    elif sampler.type == "grid":
+        return optuna.samplers.GridSampler(_grid(space), seed=seed)
+    elif sampler.type == "cmaes":
+        base = optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=sampler.startup_trials)
+    elif sampler.type == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    elif sampler.type == "gp":
+        try:
+            import torch  # noqa: F401  (Optuna's GPSampler needs it)
+        except ImportError:
+            raise RuntimeError("spec.sampler.type: gp needs torch, which is only in the [trainer] extra; use tpe") from None
+        base = optuna.samplers.GPSampler(seed=seed, n_startup_trials=sampler.startup_trials)
+    else:  # the spec validator only lets known types through
+        raise ValueError(f"unknown sampler {sampler.type!r}")
+    return BoundedHistorySampler(base)
+
+
+def _grid(space: tuple[spec.Param, ...]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for param in space:
+        if isinstance(param, spec.CategoricalParam):
+            grid[param.name] = list(param.choices)
+        elif isinstance(param, spec.IntParam):
+            grid[param.name] = list(range(param.low, param.high + 1, param.step))
+        else:
+            assert param.step is not None, "validated: grid floats have a step"
+            count = int(round((param.high - param.low) / param.step)) + 1
+            grid[param.name] = [param.low + index * param.step for index in range(count)]
+    return grid
+
+
+def grid_size(space: tuple[spec.Param, ...]) -> int:
+    size = 1
+    for values in _grid(space).values():
+        size *= len(values)
+    return size
+
+
+def build_pruner(pruner: spec.Pruner) -> optuna.pruners.BasePruner:
+    if pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=pruner.startup_trials, n_warmup_steps=pruner.warmup_steps)
+    if pruner.type == "successiveHalving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
+    if pruner.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=pruner.min_resource, max_resource=pruner.max_resource, reduction_factor=pruner.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+class BoundedHistorySampler(BaseSampler):
+    """Gives a history-based sampler a bounded view of the study.
+
+    Below ``window`` finished trials this is exactly the wrapped sampler. Above
+    it, the sampler sees every unfinished trial, the ``elite`` best complete
+    trials and the most recent finished ones, so its cost stops growing with
+    the study while it still knows the best region found so far.
+    """
+
+    def __init__(self, base: BaseSampler, window: int = HISTORY_WINDOW, elite: int = HISTORY_ELITE):
+        self.base = base
+        self.window = window
+        self.elite = elite
+
+    def _view(self, study: optuna.Study) -> Any:
+        return _HistoryView(study, self)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.base.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.base.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+        return self.base.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def select(self, trials: list[FrozenTrial], direction: StudyDirection) -> list[FrozenTrial]:
+        finished = [t for t in trials if t.state.is_finished()]
+        if len(finished) <= self.window:
+            return trials
+        unfinished = [t for t in trials if not t.state.is_finished()]
+        complete = [t for t in finished if t.state == TrialState.COMPLETE]
+        pick = heapq.nlargest if direction == StudyDirection.MAXIMIZE else heapq.nsmallest
+        best = pick(self.elite, complete, key=lambda t: t.values[0])
+        chosen = {t.number for t in best}
+        recent = [t for t in finished[-(self.window - len(best)) :] if t.number not in chosen]
+        return sorted(best + recent, key=lambda t: t.number) + unfinished
+
+
+class _HistoryView:
+    """A study proxy whose trial lists are cut to the sampler's window."""
+
+    def __init__(self, study: optuna.Study, sampler: BoundedHistorySampler):
+        self._wrapped = study
+        self._sampler = sampler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._wrapped._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return self._sampler.select(trials, self._wrapped.directions[0])
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()

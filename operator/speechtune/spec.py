@@ -1,0 +1,385 @@
+"""The study spec: one schema for the local YAML file and the CRD's ``spec``.
+
+``parse_study`` turns a manifest (a dict) into a frozen ``Study``, or raises
+``SpecError`` listing every problem at once, each with its field path, so the
+user fixes a file in one pass instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_VERSION = "speechtune.io/v1alpha1"
+KIND = "SpeechTuningStudy"
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
+PRUNERS = ("none", "median", "successiveHalving", "hyperband")
+DIRECTIONS = ("minimize", "maximize")
+PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STUDY_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """Every problem found in a spec; ``problems`` holds (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {message}" for path, message in problems))
+
+
+@dataclass(frozen=True)
+class IntParam:
+    name: str
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    name: str
+    low: float
+    high: float
+    step: float | None = None
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class CategoricalParam:
+    name: str
+    choices: tuple[Any, ...]
+
+
+Param = IntParam | FloatParam | CategoricalParam
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "wer"
+    direction: str = "minimize"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    type: str = "tpe"
+    seed: int | None = None
+    startup_trials: int = 10
+
+
+@dataclass(frozen=True)
+class Pruner:
+    type: str = "none"
+    min_resource: int = 1
+    max_resource: int | None = None
+    reduction_factor: int = 3
+    startup_trials: int = 5
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrialTemplate:
+    command: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Storage:
+    url: str | None = None
+    secret_name: str | None = None
+    secret_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    objective: Objective
+    max_trials: int
+    parallelism: int
+    max_failed_trials: int
+    sampler: Sampler
+    pruner: Pruner
+    search_space: tuple[Param, ...]
+    trial_template: TrialTemplate
+    storage: Storage
+    namespace: str | None = None
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file (YAML)."""
+    text = Path(path).read_text()
+    try:
+        manifest = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([("<file>", f"not valid YAML: {exc}")]) from None
+    return parse_study(manifest)
+
+
+def parse_study(manifest: Any) -> Study:
+    """Validate a whole manifest (apiVersion, kind, metadata, spec)."""
+    check = _Checker()
+    if not isinstance(manifest, dict):
+        raise SpecError([("<root>", "must be a mapping with apiVersion, kind, metadata and spec")])
+    if manifest.get("apiVersion", API_VERSION) != API_VERSION:
+        check.fail("apiVersion", f"must be {API_VERSION!r}, got {manifest.get('apiVersion')!r}")
+    if manifest.get("kind", KIND) != KIND:
+        check.fail("kind", f"must be {KIND!r}, got {manifest.get('kind')!r}")
+    metadata = manifest.get("metadata") or {}
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not STUDY_NAME.match(name) or len(name) > 63:
+        check.fail("metadata.name", "is required: lowercase letters, digits and '-', at most 63 characters")
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        check.fail("spec", "is required and must be a mapping")
+        raise SpecError(check.problems)
+    namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
+    study = _parse_spec(spec, str(name), namespace, check)
+    if check.problems:
+        raise SpecError(check.problems)
+    return study
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append((path, message))
+
+    def mapping(self, value: Any, path: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, "must be a mapping")
+            return {}
+        return value
+
+    def integer(self, value: Any, path: str, default: int | None = None, minimum: int | None = None) -> int | None:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"must be an integer, got {value!r}")
+            return default
+        if minimum is not None and value < minimum:
+            self.fail(path, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, value: Any, path: str) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(path, f"must be a finite number, got {value!r}")
+            return None
+        return float(value)
+
+    def choice(self, value: Any, path: str, allowed: tuple[str, ...], default: str) -> str:
+        if value is None:
+            return default
+        if value not in allowed:
+            self.fail(path, f"unknown value {value!r}; expected one of: {', '.join(allowed)}")
+            return default
+        return value
+
+    def unknown_keys(self, value: dict, path: str, known: set[str]) -> None:
+        for key in value:
+            if key not in known:
+                self.fail(f"{path}.{key}" if path else key, f"unknown field; known fields: {', '.join(sorted(known))}")
+
+
+_SPEC_FIELDS = {
+    "objective", "maxTrials", "parallelism", "maxFailedTrials", "sampler", "pruner",
+    "searchSpace", "search_space", "trialTemplate", "storage",
+}
+
+
+def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -> Study:
+    check.unknown_keys(spec, "spec", _SPEC_FIELDS)
+    objective = _parse_objective(check.mapping(spec.get("objective"), "spec.objective"), check)
+    max_trials = check.integer(spec.get("maxTrials"), "spec.maxTrials", default=20, minimum=1)
+    parallelism = check.integer(spec.get("parallelism"), "spec.parallelism", default=1, minimum=1)
+    max_failed = check.integer(spec.get("maxFailedTrials"), "spec.maxFailedTrials", default=5, minimum=0)
+    sampler = _parse_sampler(check.mapping(spec.get("sampler"), "spec.sampler"), check)
+    pruner = _parse_pruner(check.mapping(spec.get("pruner"), "spec.pruner"), check)
+    if "searchSpace" in spec and "search_space" in spec:
+        check.fail("spec.search_space", "give either searchSpace or search_space, not both")
+    space_path = "spec.search_space" if "search_space" in spec else "spec.searchSpace"
+    space = _parse_search_space(spec.get("searchSpace", spec.get("search_space")), space_path, check)
+    template = _parse_template(check.mapping(spec.get("trialTemplate"), "spec.trialTemplate"), check)
+    storage = _parse_storage(check.mapping(spec.get("storage"), "spec.storage"), check)
+    if sampler.type == "grid":
+        for index, param in enumerate(space):
+            if isinstance(param, FloatParam) and param.step is None:
+                check.fail(f"{space_path}[{index}].float", "the grid sampler needs a step (or a categorical) for every float parameter")
+    return Study(
+        name=name, objective=objective, max_trials=max_trials or 1, parallelism=parallelism or 1,
+        max_failed_trials=max_failed if max_failed is not None else 5, sampler=sampler, pruner=pruner,
+        search_space=space, trial_template=template, storage=storage, namespace=namespace,
+    )
+
+
+def _parse_objective(value: dict, check: _Checker) -> Objective:
+    check.unknown_keys(value, "spec.objective", {"metric", "direction"})
+    metric = value.get("metric", "wer")
+    if not isinstance(metric, str) or not PARAM_NAME.match(metric):
+        check.fail("spec.objective.metric", f"must be a metric name such as 'wer', got {metric!r}")
+        metric = "wer"
+    direction = check.choice(value.get("direction"), "spec.objective.direction", DIRECTIONS, "minimize")
+    return Objective(metric=metric, direction=direction)
+
+
+def _parse_sampler(value: dict, check: _Checker) -> Sampler:
+    check.unknown_keys(value, "spec.sampler", {"type", "seed", "startupTrials"})
+    return Sampler(
+        type=check.choice(value.get("type"), "spec.sampler.type", SAMPLERS, "tpe"),
+        seed=check.integer(value.get("seed"), "spec.sampler.seed", minimum=0),
+        startup_trials=check.integer(value.get("startupTrials"), "spec.sampler.startupTrials", default=10, minimum=0),
+    )
+
+
+def _parse_pruner(value: dict, check: _Checker) -> Pruner:
+    path = "spec.pruner"
+    check.unknown_keys(value, path, {"type", "minResource", "maxResource", "reductionFactor", "startupTrials", "warmupSteps"})
+    pruner = Pruner(
+        type=check.choice(value.get("type"), f"{path}.type", PRUNERS, "none"),
+        min_resource=check.integer(value.get("minResource"), f"{path}.minResource", default=1, minimum=1),
+        max_resource=check.integer(value.get("maxResource"), f"{path}.maxResource", minimum=1),
+        reduction_factor=check.integer(value.get("reductionFactor"), f"{path}.reductionFactor", default=3, minimum=2),
+        startup_trials=check.integer(value.get("startupTrials"), f"{path}.startupTrials", default=5, minimum=0),
+        warmup_steps=check.integer(value.get("warmupSteps"), f"{path}.warmupSteps", default=0, minimum=0),
+    )
+    if pruner.type == "hyperband" and pruner.max_resource is None:
+        check.fail(f"{path}.maxResource", "is required for hyperband: the last step a trial reports (e.g. its epochs)")
+    if pruner.max_resource is not None and pruner.min_resource > pruner.max_resource:
+        check.fail(f"{path}.minResource", f"must be <= maxResource ({pruner.max_resource}), got {pruner.min_resource}")
+    return pruner
+
+
+def _parse_search_space(value: Any, path: str, check: _Checker) -> tuple[Param, ...]:
+    if value is None:
+        check.fail(path, "is required: the parameters to tune")
+        return ()
+    if isinstance(value, dict):  # the ESPnet-style shorthand: name -> list of choices
+        entries = [(f"{path}.{name}", {"name": name, "categorical": choices}) for name, choices in value.items()]
+    elif isinstance(value, list):
+        entries = [(f"{path}[{index}]", entry) for index, entry in enumerate(value)]
+    else:
+        check.fail(path, "must be a list of parameters, or a map of name -> list of choices")
+        return ()
+    if not entries:
+        check.fail(path, "must declare at least one parameter")
+    params: list[Param] = []
+    seen: dict[str, str] = {}
+    for entry_path, entry in entries:
+        param = _parse_param(entry, entry_path, check)
+        if param is None:
+            continue
+        if param.name in seen:
+            check.fail(f"{entry_path}.name", f"duplicate parameter name {param.name!r} (first declared at {seen[param.name]})")
+            continue
+        seen[param.name] = entry_path
+        params.append(param)
+    return tuple(params)
+
+
+def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
+    if not isinstance(entry, dict):
+        check.fail(path, "must be a mapping like {name: lr, float: {low: 1e-5, high: 1e-3, log: true}}")
+        return None
+    check.unknown_keys(entry, path, {"name", "int", "float", "categorical"})
+    name = entry.get("name")
+    if not isinstance(name, str) or not PARAM_NAME.match(name):
+        check.fail(f"{path}.name", f"must be an identifier (letters, digits, '_'), got {name!r}")
+        return None
+    kinds = [kind for kind in ("int", "float", "categorical") if kind in entry]
+    if len(kinds) != 1:
+        check.fail(path, f"parameter {name!r} needs exactly one of int, float or categorical")
+        return None
+    kind = kinds[0]
+    body = entry[kind]
+    if kind == "categorical":
+        if not isinstance(body, list) or not body:
+            check.fail(f"{path}.categorical", f"parameter {name!r} needs a non-empty list of choices")
+            return None
+        for index, choice in enumerate(body):
+            if choice is not None and not isinstance(choice, (str, int, float, bool)):
+                check.fail(f"{path}.categorical[{index}]", f"choices must be strings, numbers, booleans or null, got {choice!r}")
+        if len(set(map(repr, body))) != len(body):
+            check.fail(f"{path}.categorical", f"parameter {name!r} has duplicate choices")
+        return CategoricalParam(name=name, choices=tuple(body))
+    body = check.mapping(body, f"{path}.{kind}")
+    check.unknown_keys(body, f"{path}.{kind}", {"low", "high", "step", "log"})
+    low = check.number(body.get("low"), f"{path}.{kind}.low")
+    high = check.number(body.get("high"), f"{path}.{kind}.high")
+    log = body.get("log", False)
+    if not isinstance(log, bool):
+        check.fail(f"{path}.{kind}.log", f"must be true or false, got {log!r}")
+        log = False
+    step = body.get("step")
+    if step is not None:
+        step = check.number(step, f"{path}.{kind}.step")
+        if step is not None and step <= 0:
+            check.fail(f"{path}.{kind}.step", f"must be > 0, got {step}")
+        if step is not None and log:
+            check.fail(f"{path}.{kind}.step", "cannot be combined with log: true")
+    if low is None or high is None:
+        return None
+    if low > high:
+        check.fail(f"{path}.{kind}.low", f"must be <= high ({high:g}), got {low:g}")
+    if log and low <= 0:
+        check.fail(f"{path}.{kind}.low", f"must be > 0 when log is true, got {low:g}")
+    if kind == "int":
+        for bound, number in (("low", low), ("high", high), ("step", step)):
+            if number is not None and not float(number).is_integer():
+                check.fail(f"{path}.int.{bound}", f"must be a whole number for an int parameter, got {number:g}")
+        return IntParam(name=name, low=int(low), high=int(high), step=int(step or 1), log=log)
+    return FloatParam(name=name, low=low, high=high, step=step, log=log)
+
+
+def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
+    path = "spec.trialTemplate"
+    check.unknown_keys(value, path, {"image", "command", "args", "env", "resources"})
+    command = value.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command):
+        check.fail(f"{path}.command", "is required: a non-empty list of strings, e.g. [speechtune-trainer, asr]")
+        command = []
+    args = value.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(arg, (str, int, float)) for arg in args):
+        check.fail(f"{path}.args", "must be a list of strings")
+        args = []
+    env = value.get("env", {}) or {}
+    if isinstance(env, list):  # Kubernetes style: [{name, value}]
+        env = {item.get("name"): item.get("value") for item in env if isinstance(item, dict)}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        check.fail(f"{path}.env", "must map names to string values")
+        env = {}
+    image = value.get("image")
+    if image is not None and not isinstance(image, str):
+        check.fail(f"{path}.image", "must be a string")
+    return TrialTemplate(
+        command=tuple(command), args=tuple(str(arg) for arg in args), image=image,
+        env=env, resources=check.mapping(value.get("resources"), f"{path}.resources"),
+    )
+
+
+def _parse_storage(value: dict, check: _Checker) -> Storage:
+    path = "spec.storage"
+    check.unknown_keys(value, path, {"url", "secretRef"})
+    url = value.get("url")
+    if url is not None and (not isinstance(url, str) or "://" not in url):
+        check.fail(f"{path}.url", f"must be a database URL such as sqlite:///speechtune.db, got {url!r}")
+        url = None
+    ref = check.mapping(value.get("secretRef"), f"{path}.secretRef")
+    if ref:
+        check.unknown_keys(ref, f"{path}.secretRef", {"name", "key"})
+        for key in ("name", "key"):
+            if not isinstance(ref.get(key), str) or not ref.get(key):
+                check.fail(f"{path}.secretRef.{key}", "is required when secretRef is given")
+    if url and ref:
+        check.fail(path, "give either url or secretRef, not both")
+    return Storage(url=url, secret_name=ref.get("name"), secret_key=ref.get("key"))
