@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--junk", action="store_true", help="print junk lines around the reports")
     parser.add_argument("--hang", action="store_true", help="sleep forever after the first report")
     parser.add_argument("--no-metrics", action="store_true", help="exit 0 without reporting")
+    parser.add_argument("--ledger", help="append this trial's number to a file at start (tests count runs)")
     known, rest = parser.parse_known_args(argv)
     params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
+    if known.ledger:
+        with open(known.ledger, "a") as ledger:
+            ledger.write(f"{os.environ.get('SPEECHTUNE_TRIAL', '?')}\n")
     if known.no_metrics:
         print("training... done (but forgot to report)")
         return 0

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from speechtune.backend import Exit, TrialLaunch
-from speechtune.protocol import MAX_LINE_BYTES
+from speechtune.protocol import MAX_LINE_BYTES, parse_line
 
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_SECONDS = 10.0
@@ -100,11 +100,12 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _last_words(log_path: Path) -> str:
-    """The last non-empty line the trainer wrote, so a failure says why at a glance."""
+    """The last non-protocol line the trainer wrote, so a failure says why at a glance."""
     try:
         with open(log_path, "rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            text = log.read().decode("utf-8", "replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip() and parse_line(line) is None]
     except OSError:
         return ""
     return f": {lines[-1][:300]}" if lines else ""

@@ -113,11 +113,22 @@ class Study:
     namespace: str | None = None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` as a string; people mean a number, as in YAML 1.2 and JSON."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file (YAML)."""
     text = Path(path).read_text()
     try:
-        manifest = yaml.safe_load(text)
+        manifest = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise SpecError([("<file>", f"not valid YAML: {exc}")]) from None
     return parse_study(manifest)
