@@ -30,6 +30,7 @@ from speechtune import metrics, search, spec
 from speechtune.backend import Backend, Exit, TrialRun, build_launch
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
+from speechtune.storage import WriteThroughStorage
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Engine:
     def __init__(
         self,
         study: spec.Study,
-        storage: optuna.storages.BaseStorage,
+        storage: WriteThroughStorage,
         backend: Backend,
         *,
         study_name: str | None = None,
@@ -84,6 +85,7 @@ class Engine:
         notify: Callable[[Event], None] | None = None,
     ):
         self.spec = study
+        self.storage = storage
         self.backend = backend
         self.budget = Budget(study.max_trials, study.parallelism, study.max_failed_trials)
         self.study_name = study_name or study.name
@@ -137,12 +139,12 @@ class Engine:
         self._publish_counts()
         while True:
             self._wake.clear()
+            if self._failed_message:  # stop the trials still running; their tasks record why
+                await asyncio.gather(*(run.stop() for run in list(self._runs.values())))
             while self._can_start():
                 await self._start_next()
             if not self._running:
                 break
-            if self._failed_message:  # stop the trials still running; their tasks record why
-                await asyncio.gather(*(run.stop() for run in self._runs.values()))
             woken = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
@@ -170,10 +172,11 @@ class Engine:
 
     async def _start_next(self) -> None:
         began = time.perf_counter()
-        trial = self.study.ask(self._distributions)
+        with self.storage.batch():  # the trial and its params are committed together, before launch
+            trial = self.study.ask(self._distributions)
+            trial.set_user_attr("launched_at", time.time())
         metrics.SUGGEST_SECONDS.labels(**self.labels).observe(time.perf_counter() - began)
         launch = build_launch(self.study_name, trial.number, self.spec.trial_template, trial.params)
-        trial.set_user_attr("launched_at", time.time())
         try:
             run = await self.backend.launch(launch)
         except LaunchError as exc:
@@ -207,7 +210,7 @@ class Engine:
     async def _supervise(self, trial: optuna.Trial, run: TrialRun) -> None:
         started = trial.user_attrs.get("launched_at", time.time())
         try:
-            state, value = await self._ingest(trial, run)
+            state, value, last_metrics = await self._ingest(trial, run)
         except TrialFailed as failure:
             await run.stop()
             if self._failed_message:  # stopped by us, because the study failed
@@ -215,19 +218,20 @@ class Engine:
             self._record_failure(trial.number, trial._trial_id, failure.reason, str(failure))
             self._finish_metrics("FAIL", started)
             return
+        with self.storage.batch():
+            trial.set_user_attr("metrics", last_metrics)
+            self.study.tell(trial, value, state=state)
         if state == TrialState.PRUNED:
-            self.study.tell(trial, state=TrialState.PRUNED)
             metrics.PRUNED.labels(**self.labels).inc()
             self._notify(Event("pruned", trial.number, f"pruned at step {trial_last_step(trial)}", _last_value(trial)))
         else:
-            self.study.tell(trial, value)
             self._notify(Event("completed", trial.number, f"{self._objective}={value:.4g}", value))
             self._publish_best()
         self._finish_metrics(state.name, started)
 
-    async def _ingest(self, trial: optuna.Trial, run: TrialRun) -> tuple[TrialState, float | None]:
-        """Follow a trial's output; return (PRUNED, None) or (COMPLETE, value), or raise TrialFailed."""
-        reported = dict(self.study._storage.get_trial(trial._trial_id).intermediate_values)
+    async def _ingest(self, trial: optuna.Trial, run: TrialRun) -> tuple[TrialState, float | None, dict[str, float]]:
+        """Follow a trial's output; return (PRUNED or COMPLETE, value, last metrics), or raise TrialFailed."""
+        reported = dict(self.storage.get_trial(trial._trial_id).intermediate_values)
         final_value: float | None = None
         last_metrics: dict[str, float] = {}
         async for raw in run.lines():
@@ -253,24 +257,20 @@ class Engine:
                 metrics.METRIC_LAG.labels(**self.labels).observe(max(0.0, time.time() - line.time))
             if trial.should_prune():
                 await run.stop()
-                return TrialState.PRUNED, None
+                return TrialState.PRUNED, None, last_metrics
         exit = await run.wait()
         if not exit.succeeded:
             raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
-        if last_metrics:
-            trial.set_user_attr("metrics", last_metrics)
-        if final_value is not None:
-            return TrialState.COMPLETE, final_value
-        if reported:
-            return TrialState.COMPLETE, reported[max(reported)]
-        raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {self._objective!r}")
+        if final_value is None and not reported:
+            raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {self._objective!r}")
+        return TrialState.COMPLETE, final_value if final_value is not None else reported[max(reported)], last_metrics
 
     # -- bookkeeping --------------------------------------------------------
     def _record_failure(self, number: int, trial_id: int, reason: str, message: str) -> None:
-        storage = self.study._storage
-        storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
-        storage.set_trial_user_attr(trial_id, "fail_message", message)
-        self.study.tell(number, state=TrialState.FAIL)
+        with self.storage.batch():
+            self.storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+            self.storage.set_trial_user_attr(trial_id, "fail_message", message)
+            self.study.tell(number, state=TrialState.FAIL)
         if reason == INTERRUPTED:
             return
         self._notify(Event("failed", number, f"{reason}: {message}"))

@@ -1,0 +1,155 @@
+"""The test cluster runs real workloads: the real scheduler, Job controller and garbage
+collector act on pods that the process-based GPU node agent runs and reports on."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def job_manifest(name: str, code: str, gpus: int = 1) -> str:
+    return json.dumps({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "python:3.11", "command": ["python", "-c", code],
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}},
+    })
+
+
+def pod_manifest(name: str, code: str, grace_seconds: int = 30, **container) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": grace_seconds, "containers": [
+            {"name": "main", "image": "python:3.11", "command": ["python", "-c", code], **container}]},
+    })
+
+
+def pod_json(cluster, namespace: str, name: str) -> dict:
+    return json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+
+
+def wait_for_phase(cluster, namespace: str, name: str, phase: str) -> None:
+    cluster.kubectl("wait", f"--for=jsonpath={{.status.phase}}={phase}", f"pod/{name}", "-n", namespace,
+                    "--timeout=60s")
+
+
+def test_gpu_job_completes_and_kubectl_logs_returns_its_output(kube_cluster, kube_namespace):
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=job_manifest("hello", "print('hello')"))
+    kube_cluster.kubectl("wait", "--for=condition=Complete", "job/hello", "-n", kube_namespace, "--timeout=60s")
+    logs = kube_cluster.kubectl("logs", "job/hello", "-n", kube_namespace)
+    assert logs.stdout == "hello\n"
+
+
+def test_deleting_job_in_background_makes_garbage_collector_delete_its_pod(kube_cluster, kube_namespace):
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=job_manifest("gc", "print('done')"))
+    kube_cluster.kubectl("wait", "--for=condition=Complete", "job/gc", "-n", kube_namespace, "--timeout=60s")
+    pods = kube_cluster.kubectl("get", "pods", "-n", kube_namespace, "-l", "batch.kubernetes.io/job-name=gc",
+                                "-o", "name").stdout.split()
+    assert len(pods) == 1
+    kube_cluster.kubectl("delete", "job", "gc", "-n", kube_namespace, "--cascade=background")
+    kube_cluster.kubectl("wait", "--for=delete", pods[0], "-n", kube_namespace, "--timeout=60s")
+
+
+def test_failing_job_is_marked_failed_with_the_exit_code(kube_cluster, kube_namespace):
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-",
+                         input=job_manifest("fails", "import sys; sys.exit(3)"))
+    kube_cluster.kubectl("wait", "--for=condition=Failed", "job/fails", "-n", kube_namespace, "--timeout=60s")
+    pod = json.loads(kube_cluster.kubectl("get", "pods", "-n", kube_namespace, "-l",
+                                          "batch.kubernetes.io/job-name=fails", "-o", "json").stdout)["items"][0]
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (pod["status"]["phase"], terminated["exitCode"], terminated["reason"]) == ("Failed", 3, "Error")
+
+
+def test_pod_asking_for_nine_gpus_stays_pending_unschedulable(kube_cluster, kube_namespace):
+    pod = json.loads(pod_manifest("greedy", "print('never runs')", resources={"limits": {"nvidia.com/gpu": "9"}}))
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(pod))
+    kube_cluster.kubectl("wait", "--for=condition=PodScheduled=false", "pod/greedy", "-n", kube_namespace,
+                         "--timeout=60s")
+    status = pod_json(kube_cluster, kube_namespace, "greedy")["status"]
+    scheduled = next(c for c in status["conditions"] if c["type"] == "PodScheduled")
+    assert status["phase"] == "Pending"
+    assert scheduled["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in scheduled["message"]
+
+
+def test_container_env_resolves_values_and_pod_field_refs(kube_cluster, kube_namespace):
+    env = [{"name": "GREETING", "value": "hi"},
+           {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    code = "import os, sys; print(os.environ['GREETING'], os.environ['POD'], os.environ['NS'], sys.prefix)"
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=pod_manifest("env", code, env=env))
+    wait_for_phase(kube_cluster, kube_namespace, "env", "Succeeded")
+    greeting, pod, namespace, prefix = kube_cluster.kubectl("logs", "env", "-n", kube_namespace).stdout.split()
+    assert (greeting, pod, namespace) == ("hi", "env", kube_namespace)
+    assert prefix.endswith(".venv"), "the repo's virtualenv must come first on the pod's PATH"
+
+
+def test_kubectl_logs_follow_streams_lines_while_the_process_prints_them(kube_cluster, kube_namespace):
+    code = "import time\nfor i in range(5):\n    print(f'line {i}', flush=True)\n    time.sleep(1)"
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=pod_manifest("talker", code))
+    wait_for_phase(kube_cluster, kube_namespace, "talker", "Running")
+    kubectl = shutil.which("kubectl", path=kube_cluster.env["PATH"])
+    follow = subprocess.Popen([kubectl, "logs", "-f", "talker", "-n", kube_namespace], env=kube_cluster.env,
+                              stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(30, follow.kill)  # a stream that never ends must fail the test, not hang it
+    watchdog.start()
+    arrivals = {}
+    try:
+        for line in follow.stdout:
+            arrivals[line.strip()] = time.monotonic()
+        assert follow.wait() == 0, "kubectl logs -f did not end when the container ended"
+    finally:
+        watchdog.cancel()
+        follow.kill()
+    assert list(arrivals) == [f"line {i}" for i in range(5)]
+    # Buffered or non-streaming output would arrive in one burst when the process ends.
+    assert arrivals["line 4"] - arrivals["line 0"] > 2.5
+
+
+def test_kubectl_logs_tail_since_time_and_limit_bytes_filter_output(kube_cluster, kube_namespace):
+    code = "import time; print('early', flush=True); time.sleep(2.2); print('late')"
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=pod_manifest("twolines", code))
+    wait_for_phase(kube_cluster, kube_namespace, "twolines", "Succeeded")
+    logs = lambda *flags: kube_cluster.kubectl("logs", "twolines", "-n", kube_namespace, *flags).stdout  # noqa: E731
+    assert logs() == "early\nlate\n"
+    assert logs("--tail=1") == "late\n"
+    assert logs("--limit-bytes=3") == "ear"
+    stamped = logs("--timestamps").splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["early", "late"]
+    late_second = stamped[1].split(" ", 1)[0][:19] + "Z"  # the API passes sinceTime with second precision
+    assert logs(f"--since-time={late_second}") == "late\n"
+
+
+def test_sigkilled_container_process_is_reported_oomkilled_with_exit_code_137(kube_cluster, kube_namespace):
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-",
+                         input=pod_manifest("victim", "import time; time.sleep(600)"))
+    wait_for_phase(kube_cluster, kube_namespace, "victim", "Running")
+    status = pod_json(kube_cluster, kube_namespace, "victim")["status"]["containerStatuses"][0]
+    assert status["state"]["running"]["startedAt"]
+    os.kill(int(status["containerID"].removeprefix("speechtune://")), signal.SIGKILL)
+    wait_for_phase(kube_cluster, kube_namespace, "victim", "Failed")
+    terminated = pod_json(kube_cluster, kube_namespace, "victim")["status"]["containerStatuses"][0]["state"]
+    assert terminated["terminated"]["reason"] == "OOMKilled"
+    assert terminated["terminated"]["exitCode"] == 137
+
+
+def test_deleting_running_pod_sends_sigterm_and_completes_the_deletion(kube_cluster, kube_namespace):
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)")
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-",
+                         input=pod_manifest("graceful", code, grace_seconds=60))
+    wait_for_phase(kube_cluster, kube_namespace, "graceful", "Running")
+    start = time.monotonic()
+    kube_cluster.kubectl("delete", "pod", "graceful", "-n", kube_namespace, "--wait=true", "--timeout=50s")
+    # Had SIGTERM not reached the process, deletion would take the full 60 s grace period.
+    assert time.monotonic() - start < 30

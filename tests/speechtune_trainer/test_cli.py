@@ -1,0 +1,120 @@
+"""Flag parsing and validation: fast, no torch or NeMo needed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speechtune_trainer import cli, config
+from speechtune_trainer.train import training_manifest
+
+PACKAGE = Path(cli.__file__).parent
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A data directory that passes the manifest check (the flags are rejected before any audio is read)."""
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}_manifest.json").write_text("")
+    return tmp_path
+
+
+def parse(*flags: str) -> object:
+    return cli.build_parser().parse_args(cli.with_dashes(["asr", "--data", "d", *flags]))
+
+
+def test_underscore_flags_and_last_value_wins():
+    args = parse("--n-mels", "40", "--n_mels=64", "--win_length_ms=20", "--encoder=lstm", "--lr=0.002")
+    assert (args.n_mels, args.win_length_ms, args.encoder, args.lr) == (64, 20.0, "lstm", 0.002)
+
+
+def test_underscores_in_values_are_kept():
+    args = cli.build_parser().parse_args(cli.with_dashes(["asr", "--data=my_data", "--checkpoint_dir", "ckpt_dir"]))
+    assert (str(args.data), str(args.checkpoint_dir)) == ("my_data", "ckpt_dir")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--d-model", "100", "--attention-heads", "8"], "--d-model (100) is not divisible by --attention-heads (8)"),
+        (["--win-length-ms", "10", "--hop-length-ms", "20"], "--win-length-ms (10.0) is shorter than --hop-length-ms"),
+        (["--n-mels", "300", "--win-length-ms", "20"], "--n-mels (300) exceeds the 257 frequency bins"),
+        (["--decoder", "hybrid", "--ctc-weight", "1.5"], "--ctc-weight is a share of the loss, in [0, 1]"),
+        (["--ctc-weight", "0.5"], "--ctc-weight only applies to --decoder hybrid, not --decoder ctc"),
+        (["--conv-kernel-size", "8"], "--conv-kernel-size must be odd"),
+        (["--encoder", "gru", "--d-model", "33"], "--d-model must be even"),
+        (["--schedule", "noam", "--warmup-steps", "0"], "--schedule noam needs --warmup-steps >= 1"),
+        (["--n-mels", "40", "--freq-width", "50"], "--freq-width (50) exceeds --n-mels (40)"),
+        (["--num-layers", "0"], "--num-layers must be at least 1"),
+        (["--time-width", "2"], "--time-width is a fraction"),
+    ],
+)
+def test_invalid_combinations_exit_2_naming_the_flags(data_dir, capsys, flags, message):
+    assert cli.main(["asr", "--data", str(data_dir), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_valid_flags_have_no_problems(data_dir):
+    args = cli.build_parser().parse_args(["asr", "--data", str(data_dir), "--encoder", "transformer", "--conv-kernel-size", "8"])
+    assert config.problems(args) == []  # the kernel size is the conformer's only
+
+
+def test_missing_manifests_name_data(tmp_path, capsys):
+    assert cli.main(["asr", "--data", str(tmp_path)]) == 2
+    assert f"--data {tmp_path} has no train_manifest.json" in capsys.readouterr().err
+
+
+def test_unknown_encoder_is_a_usage_error(data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["asr", "--data", str(data_dir), "--encoder=cnn"])
+    assert exit_.value.code == 2
+    assert "--encoder: invalid choice: 'cnn'" in capsys.readouterr().err
+
+
+def test_rejection_is_fast_and_imports_no_torch(data_dir):
+    """The console script rejects bad flags before importing torch or NeMo."""
+    probe = (
+        "import sys; from speechtune_trainer.cli import main; "
+        f"rc = main(['asr', '--data', {str(data_dir)!r}, '--d_model=100', '--attention_heads=8']); "
+        "assert 'torch' not in sys.modules and 'nemo' not in sys.modules; sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "--attention-heads (8)" in done.stderr
+
+
+def test_noam_lr_is_converted_to_nemos_multiplier():
+    args = parse("--schedule", "noam", "--lr", "0.001", "--d-model", "144", "--warmup-steps", "100")
+    assert config.lr_for_optimizer(args) == pytest.approx(0.001 * 12 * 10)
+    assert config.lr_for_optimizer(parse("--schedule", "warmup-cosine", "--lr", "0.001")) == 0.001
+
+
+def test_train_hours_takes_a_nested_prefix_with_absolute_paths(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    entries = [{"audio_filepath": f"audio/train/{i}.wav", "duration": 1.0, "text": "one"} for i in range(10)]
+    (data / "train_manifest.json").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    short, count_short = training_manifest(data, 3 / 3600, work)
+    short_lines = short.read_text().splitlines()
+    long, count_long = training_manifest(data, 5 / 3600, work)
+    assert (count_short, count_long) == (3, 5)
+    assert long.read_text().splitlines()[:3] == short_lines
+    assert json.loads(short_lines[0])["audio_filepath"] == str(data.resolve() / "audio/train/0.wav")
+    assert training_manifest(data, None, work) == (data / "train_manifest.json", 10)
+
+
+def test_the_trainer_imports_only_the_protocol_from_speechtune():
+    for source in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "speechtune":
+                assert node.module == "speechtune.protocol", f"{source.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] != "speechtune", f"{source.name} imports {alias.name}"

@@ -1,0 +1,291 @@
+"""The `asr` flags: their definitions, the checks on their combinations, and the NeMo model config they build.
+
+Everything here is plain Python (no torch, no NeMo), so a bad trial fails in milliseconds
+instead of after NeMo's import. The config is a dict in NeMo's own schema; train.py hands
+it to NeMo's model classes unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+ENCODERS = ("conformer", "transformer", "lstm", "gru")
+DECODERS = ("ctc", "transducer", "hybrid")
+SCHEDULES = ("noam", "warmup-cosine", "warmup-exponential", "plateau")
+# Character vocabulary: no tokenizer to train, and it covers both make-data vocabularies.
+LABELS = list(" abcdefghijklmnopqrstuvwxyz'")
+SUBSAMPLING_FACTOR = 4
+DEFAULT_CTC_WEIGHT = 0.3
+FINAL_LR_RATIO = 0.01  # cosine and exponential decay to lr * FINAL_LR_RATIO at the last step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every `asr` flag. The CLI also accepts each with underscores (`--n_mels=64`)."""
+    parser.add_argument("--data", type=Path, required=True, help="directory written by make-data")
+    audio = parser.add_argument_group("audio")
+    audio.add_argument("--sample-rate", type=int, default=16000, help="Hz; audio is resampled on load")
+    audio.add_argument("--win-length-ms", type=float, default=25.0, help="STFT window; n_fft is the next power of 2")
+    audio.add_argument("--hop-length-ms", type=float, default=10.0)
+    audio.add_argument("--n-mels", type=int, default=64)
+    arch = parser.add_argument_group("architecture")
+    arch.add_argument("--encoder", choices=ENCODERS, default="conformer")
+    arch.add_argument("--num-layers", type=int, default=2)
+    arch.add_argument("--d-model", type=int, default=96, help="encoder width (the RNN output width for lstm/gru)")
+    arch.add_argument("--attention-heads", type=int, default=4, help="conformer and transformer only")
+    arch.add_argument("--conv-kernel-size", type=int, default=15, help="conformer only; odd")
+    arch.add_argument("--dropout", type=float, default=0.1)
+    decoder = parser.add_argument_group("decoder")
+    decoder.add_argument("--decoder", choices=DECODERS, default="ctc")
+    decoder.add_argument(
+        "--ctc-weight", type=float, default=None, help=f"hybrid only: the CTC share of the loss (default {DEFAULT_CTC_WEIGHT})"
+    )
+    aug = parser.add_argument_group("SpecAugment")
+    aug.add_argument("--freq-masks", type=int, default=2)
+    aug.add_argument("--freq-width", type=int, default=15, help="mel bins per frequency mask, at most")
+    aug.add_argument("--time-masks", type=int, default=2)
+    aug.add_argument("--time-width", type=float, default=0.05, help="fraction of the utterance per time mask, at most")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, for every schedule (docs/trainer.md)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default="warmup-cosine")
+    opt.add_argument("--warmup-steps", type=int, default=30, help="ignored by plateau")
+    opt.add_argument("--weight-decay", type=float, default=1e-3)
+    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--seed", type=int, default=0)
+    fidelity = parser.add_argument_group("fidelity")
+    fidelity.add_argument("--train-hours", type=float, default=None, help="train on the first H hours of train_manifest.json")
+    run = parser.add_argument_group("run")
+    run.add_argument("--checkpoint-dir", type=Path, default=None, help="save every epoch; resume from here if a checkpoint exists")
+    run.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
+    run.add_argument(
+        "--precision", choices=("auto", "32", "bf16-mixed", "16-mixed"), default="auto", help="auto: bf16-mixed on GPU, 32 on CPU"
+    )
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
+
+
+def n_fft(args: argparse.Namespace) -> int:
+    """The smallest power of two that holds one analysis window."""
+    return 2 ** math.ceil(math.log2(args.win_length_ms / 1000 * args.sample_rate))
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """Every invalid flag value or combination, each naming its flags. Empty when the run can start."""
+    found = []
+    for flag in ("sample_rate", "n_mels", "num_layers", "d_model", "attention_heads", "batch_size", "epochs"):
+        if getattr(args, flag) < 1:
+            found.append(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("lr", "win_length_ms", "hop_length_ms"):
+        if not getattr(args, flag) > 0:
+            found.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("freq_masks", "time_masks", "freq_width", "warmup_steps", "weight_decay"):
+        if getattr(args, flag) < 0:
+            found.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+    if found:
+        return found  # the checks below assume sane magnitudes
+
+    if args.win_length_ms < args.hop_length_ms:
+        found.append(
+            f"--win-length-ms ({args.win_length_ms}) is shorter than --hop-length-ms ({args.hop_length_ms}): "
+            "frames would skip audio; use a window at least as long as the hop"
+        )
+    bins = n_fft(args) // 2 + 1
+    if args.n_mels > bins:
+        found.append(
+            f"--n-mels ({args.n_mels}) exceeds the {bins} frequency bins of a {args.win_length_ms} ms window at "
+            f"--sample-rate {args.sample_rate} (n_fft {n_fft(args)}); lower --n-mels or lengthen --win-length-ms"
+        )
+    if args.freq_width > args.n_mels:
+        found.append(f"--freq-width ({args.freq_width}) exceeds --n-mels ({args.n_mels})")
+    if not 0 <= args.time_width <= 1:
+        found.append(f"--time-width is a fraction of the utterance, in [0, 1]; got {args.time_width}")
+    if not 0 <= args.dropout < 1:
+        found.append(f"--dropout must be in [0, 1), got {args.dropout}")
+
+    if args.encoder in ("conformer", "transformer") and args.d_model % args.attention_heads:
+        found.append(
+            f"--d-model ({args.d_model}) is not divisible by --attention-heads ({args.attention_heads}) "
+            f"for --encoder {args.encoder}"
+        )
+    if args.encoder == "conformer" and args.conv_kernel_size % 2 == 0:  # NeMo pads it symmetrically
+        found.append(f"--conv-kernel-size must be odd for --encoder conformer, got {args.conv_kernel_size}")
+    if args.encoder in ("lstm", "gru") and args.d_model % 2:
+        found.append(f"--encoder {args.encoder} is bidirectional, so --d-model must be even, got {args.d_model}")
+
+    if args.ctc_weight is not None:
+        if args.decoder != "hybrid":
+            found.append(f"--ctc-weight only applies to --decoder hybrid, not --decoder {args.decoder}")
+        elif not 0 <= args.ctc_weight <= 1:
+            found.append(f"--ctc-weight is a share of the loss, in [0, 1]; got {args.ctc_weight}")
+    if args.schedule == "noam" and args.warmup_steps == 0:
+        found.append("--schedule noam needs --warmup-steps >= 1 (its peak is at the end of warmup)")
+    if args.train_hours is not None and not args.train_hours > 0:
+        found.append(f"--train-hours must be positive, got {args.train_hours}")
+    for split in ("train", "dev"):
+        if not (args.data / f"{split}_manifest.json").is_file():
+            found.append(f"--data {args.data} has no {split}_manifest.json; create it with `speechtune-trainer make-data`")
+    return found
+
+
+def encoder_config(args: argparse.Namespace) -> dict:
+    if args.encoder in ("conformer", "transformer"):
+        target = {
+            "conformer": "nemo.collections.asr.modules.ConformerEncoder",
+            "transformer": "speechtune_trainer.encoders.TransformerEncoder",  # the conformer minus convolutions
+        }[args.encoder]
+        return {
+            "_target_": target,
+            "feat_in": args.n_mels,
+            "n_layers": args.num_layers,
+            "d_model": args.d_model,
+            "n_heads": args.attention_heads,
+            # The transformer drops its convolutions after construction; any odd size builds.
+            "conv_kernel_size": args.conv_kernel_size if args.encoder == "conformer" else 3,
+            "subsampling": "striding",
+            "subsampling_factor": SUBSAMPLING_FACTOR,
+            "subsampling_conv_channels": args.d_model,
+            "ff_expansion_factor": 4,
+            "self_attention_model": "rel_pos",
+            "dropout": args.dropout,
+            "dropout_pre_encoder": args.dropout,
+            "dropout_emb": 0.0,
+            "dropout_att": args.dropout,
+        }
+    if args.encoder == "lstm":
+        return {
+            "_target_": "nemo.collections.asr.modules.RNNEncoder",
+            "feat_in": args.n_mels,
+            "n_layers": args.num_layers,
+            "d_model": args.d_model,
+            "proj_size": args.d_model,
+            "rnn_type": "lstm",
+            "bidirectional": True,
+            "subsampling": "striding",
+            "subsampling_factor": SUBSAMPLING_FACTOR,
+            "dropout": args.dropout,
+        }
+    return {
+        "_target_": "speechtune_trainer.encoders.GRUEncoder",
+        "feat_in": args.n_mels,
+        "n_layers": args.num_layers,
+        "d_model": args.d_model,
+        "dropout": args.dropout,
+    }
+
+
+def schedule_config(args: argparse.Namespace, max_steps: int) -> dict:
+    """NeMo's `optim.sched` for the schedule; `--lr` is always the peak (see lr_for_optimizer).
+
+    NeMo builds no scheduler at all without `max_steps`, so every schedule carries it
+    (NeMo drops it again for schedulers that take no such argument).
+    """
+    final_lr = args.lr * FINAL_LR_RATIO
+    common = {"max_steps": max_steps, "warmup_steps": args.warmup_steps}
+    if args.schedule == "noam":
+        return {"name": "NoamAnnealing", **common, "d_model": args.d_model, "min_lr": 0.0}
+    if args.schedule == "warmup-cosine":
+        return {"name": "CosineAnnealing", **common, "min_lr": final_lr}
+    if args.schedule == "warmup-exponential":
+        return {"name": "WarmupExponentialAnnealing", **common, "min_lr": final_lr}
+    return {
+        "name": "ReduceLROnPlateau",
+        "max_steps": max_steps,
+        "monitor": "val_loss",
+        "mode": "min",
+        "factor": 0.5,
+        "patience": 1,
+        "min_lr": final_lr,
+    }
+
+
+def lr_for_optimizer(args: argparse.Namespace) -> float:
+    """The optimizer's base lr. For noam NeMo multiplies it by d_model^-0.5 * warmup^-0.5 at the peak, so divide that out."""
+    if args.schedule == "noam":
+        return args.lr * math.sqrt(args.d_model) * math.sqrt(args.warmup_steps)
+    return args.lr
+
+
+def model_config(args: argparse.Namespace, train_manifest: Path, dev_manifest: Path, max_steps: int, num_workers: int) -> dict:
+    """The full NeMo model config (the `model:` section of NeMo's YAML) for these flags."""
+    dataset = {
+        "labels": LABELS,
+        "sample_rate": args.sample_rate,
+        "batch_size": args.batch_size,
+        "num_workers": num_workers,
+        "pin_memory": num_workers > 0,
+        "trim_silence": False,
+        "normalize": True,  # lower-case text; make-data already writes lower-case words
+    }
+    cfg: dict = {
+        "labels": LABELS,
+        "sample_rate": args.sample_rate,
+        "log_prediction": False,
+        "train_ds": {**dataset, "manifest_filepath": str(train_manifest), "shuffle": True},
+        "validation_ds": {**dataset, "manifest_filepath": str(dev_manifest), "shuffle": False},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": args.sample_rate,
+            "normalize": "per_feature",
+            "window_size": args.win_length_ms / 1000,
+            "window_stride": args.hop_length_ms / 1000,
+            "window": "hann",
+            "features": args.n_mels,
+            "n_fft": n_fft(args),
+            "log": True,
+            "frame_splicing": 1,
+            "dither": 1e-5,
+            "pad_to": 0,
+        },
+        "spec_augment": {
+            "_target_": "nemo.collections.asr.modules.SpectrogramAugmentation",
+            "freq_masks": args.freq_masks,
+            "freq_width": args.freq_width,
+            "time_masks": args.time_masks,
+            "time_width": args.time_width,
+        },
+        "encoder": encoder_config(args),
+        "optim": {
+            "name": "adamw",
+            "lr": lr_for_optimizer(args),
+            "betas": [0.9, 0.98],
+            "weight_decay": args.weight_decay,
+            "sched": schedule_config(args, max_steps),
+        },
+    }
+    ctc_decoder = {
+        "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+        "feat_in": args.d_model,
+        "num_classes": len(LABELS),
+        "vocabulary": LABELS,
+    }
+    if args.decoder == "ctc":
+        cfg["decoder"] = ctc_decoder
+        return cfg
+    # Transducer parts, sized from the encoder width (NeMo reads them from model_defaults).
+    cfg["model_defaults"] = {"enc_hidden": args.d_model, "pred_hidden": args.d_model, "joint_hidden": args.d_model}
+    cfg["decoder"] = {
+        "_target_": "nemo.collections.asr.modules.RNNTDecoder",
+        "normalization_mode": None,
+        "random_state_sampling": False,
+        "blank_as_pad": True,
+        "prednet": {"pred_hidden": args.d_model, "pred_rnn_layers": 1, "dropout": args.dropout},
+    }
+    cfg["joint"] = {
+        "_target_": "nemo.collections.asr.modules.RNNTJoint",
+        "log_softmax": None,
+        "preserve_memory": False,
+        "fuse_loss_wer": False,
+        "jointnet": {"joint_hidden": args.d_model, "activation": "relu", "dropout": args.dropout},
+    }
+    cfg["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 10}}
+    cfg["loss"] = {"loss_name": "default"}
+    if args.decoder == "hybrid":
+        cfg["aux_ctc"] = {
+            "ctc_loss_weight": DEFAULT_CTC_WEIGHT if args.ctc_weight is None else args.ctc_weight,
+            "use_cer": False,
+            "ctc_reduction": "mean_batch",
+            "decoder": ctc_decoder,
+            "decoding": {"strategy": "greedy_batch"},
+        }
+    return cfg
