@@ -158,7 +158,7 @@ def main() -> None:
     for kind in args.storage:
         with ExitStack() as stack:
             if kind == "postgres":
-                base = stack.enter_context(postgres_server())
+                base = stack.enter_context(postgres_server()).url
                 urls = [base, base]
             elif kind == "sqlite":
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))

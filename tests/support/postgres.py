@@ -34,27 +34,42 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
+class PostgresServer:
+    """A running server; ``stop``/``start`` simulate an outage of the database."""
+
+    def __init__(self, root: Path, port: int):
+        self.root = root
+        self.port = port
+        self.url = f"postgresql+psycopg://speechtune@127.0.0.1:{port}/speechtune"
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=50"
+        subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(self.root / "data"), "-o", options,
+                                     "-l", str(self.root / "log"), "-w", "start"]), check=True, capture_output=True)
+        deadline = time.monotonic() + 30
+        while subprocess.run([_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start; see {self.root / 'log'}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate", "stop"]),
+                       capture_output=True)
+
+
 @contextmanager
 def postgres_server():
-    """Yield a SQLAlchemy URL for a fresh database; stop and delete the server afterwards."""
+    """Yield a started PostgresServer with an empty database; delete it all afterwards."""
     root = Path(tempfile.mkdtemp(prefix="speechtune-pg-"))
-    data = root / "data"
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    port = _free_port()
-    subprocess.run(_as_postgres([_bin("initdb"), "-D", str(data), "-U", "speechtune", "--auth=trust", "-E", "UTF8"]),
+    subprocess.run(_as_postgres([_bin("initdb"), "-D", str(root / "data"), "-U", "speechtune", "--auth=trust", "-E", "UTF8"]),
                    check=True, capture_output=True)
-    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=on -c max_connections=50"
-    subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]),
-                   check=True, capture_output=True)
+    server = PostgresServer(root, _free_port())
     try:
-        deadline = time.monotonic() + 30
-        while subprocess.run([_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not start; see {root / 'log'}")
-            time.sleep(0.2)
-        subprocess.run([_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "speechtune", "speechtune"], check=True)
-        yield f"postgresql+psycopg://speechtune@127.0.0.1:{port}/speechtune"
+        server.start()
+        subprocess.run([_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "speechtune", "speechtune"], check=True)
+        yield server
     finally:
-        subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
