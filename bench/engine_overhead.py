@@ -122,7 +122,7 @@ class FreeBackend:
     async def launch(self, launch):
         return FreeRun(launch.params)
 
-    async def attach(self, study, number):
+    async def attach(self, study, number, attempt=""):
         return None
 
 

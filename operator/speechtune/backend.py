@@ -27,6 +27,11 @@ class TrialLaunch:
     env: Mapping[str, str]
     params: Mapping[str, Any]
     template: spec.TrialTemplate = field(repr=False)
+    attempt: str = ""  # names one of several runs of a trial: a fidelity level, a validation seed
+
+    @property
+    def run_name(self) -> str:
+        return f"trial-{self.number}" + (f"-{self.attempt}" if self.attempt else "")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class Backend(Protocol):
     async def launch(self, launch: TrialLaunch) -> TrialRun:
         """Start a trial. Launching the same study and number twice starts it once."""
 
-    async def attach(self, study: str, number: int) -> TrialRun | None:
+    async def attach(self, study: str, number: int, attempt: str = "") -> TrialRun | None:
         """Reconnect to a trial started by an earlier engine, or None if it is gone."""
 
 
@@ -67,7 +72,7 @@ def format_value(value: Any) -> str:
 
 
 def build_launch(study: str, number: int, template: spec.TrialTemplate, params: Mapping[str, Any],
-                 overrides: Mapping[str, Any] | None = None) -> TrialLaunch:
+                 overrides: Mapping[str, Any] | None = None, attempt: str = "") -> TrialLaunch:
     """The trial's argv and env: template args, then one ``--name=value`` flag per parameter.
 
     Parameters come last so that they override the template's own flags, and
@@ -82,4 +87,4 @@ def build_launch(study: str, number: int, template: spec.TrialTemplate, params: 
         "SPEECHTUNE_TRIAL": str(number),
     }
     return TrialLaunch(study=study, number=number, argv=template.command + template.args + flags, env=env,
-                       params=values, template=template)
+                       params=values, template=template, attempt=attempt)

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from speechtune import leaderboard, spec
 from speechtune.engine import Engine, Event
+from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
 
@@ -98,15 +99,21 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
-    backend = LocalProcessBackend(args.workdir or Path(".speechtune") / study.name)
+    workdir = args.workdir or Path(".speechtune") / study.name
+    backend = LocalProcessBackend(workdir)
     display = _Display(console, study)
-    engine = Engine(study, storage, backend, notify=display.event)
+    if study.fidelity is not None:
+        checkpoints = Path(study.fidelity.checkpoint_volume or workdir / "checkpoints").resolve()
+        engine: Engine = LadderEngine(study, storage, backend, notify=display.event, checkpoint_root=checkpoints)
+    else:
+        engine = Engine(study, storage, backend, notify=display.event)
     display.engine = engine
     console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, "
                   f"{study.max_trials} trials, {study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
     with Live(display, console=console, refresh_per_second=4, transient=True):
         outcome = asyncio.run(engine.run())
     console.print(leaderboard.table(engine.study, study.objective.metric, args.top))
+    _print_fidelity(engine.study, console)
     colour = "green" if outcome.state == "Succeeded" else "red"
     console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
     console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)
@@ -127,7 +134,20 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     console.print(", ".join(f"{state.lower()} {count}" for state, count in sorted(counts.items())))
+    _print_fidelity(study, console)
     return 0
+
+
+def _print_fidelity(study: optuna.Study, console: Console) -> None:
+    """Proxy rank correlations and seed validation, when the study ran a fidelity ladder."""
+    for pair, found in study.user_attrs.get(CORRELATIONS, {}).items():
+        warning = "  [red]ProxyUnreliable[/red]" if found["unreliable"] else ""
+        console.print(f"proxy rank correlation {pair}: Spearman rho {found['rho']:.2f} over {found['pairs']} configurations{warning}")
+    validation = study.user_attrs.get(VALIDATION)
+    if validation and validation.get("mean") is not None:
+        metric = study.user_attrs.get("objective", "value")
+        console.print(f"validation of trial {validation['trial']}: {metric} {validation['mean']:.4f} ± {validation['std']:.4f} "
+                      f"over {len(validation['values'])} seeds")
 
 
 class _Display:
@@ -144,9 +164,10 @@ class _Display:
         self.task = self.progress.add_task("trials", total=study.max_trials)
 
     def event(self, event: Event) -> None:
-        if event.kind == "started":
+        if event.kind in ("started", "level-done"):
             return
-        style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red"}.get(event.kind, "")
+        style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red",
+                 "promoted": "cyan", "proxy-unreliable": "bold red"}.get(event.kind, "")
         prefix = f"trial {event.number} " if event.number is not None else ""
         self.console.print(Text(f"{time.strftime('%H:%M:%S')} {prefix}{event.kind}: {event.message}", style=style))
 

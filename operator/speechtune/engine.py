@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -93,7 +93,6 @@ class Engine:
         self._notify = notify or (lambda event: None)
         self._distributions = search.distributions(study.search_space)
         self._objective = study.objective.metric
-        self._direction = optuna.study.StudyDirection.MINIMIZE if study.objective.direction == "minimize" else optuna.study.StudyDirection.MAXIMIZE
         if study.sampler.type == "grid":
             self.budget.max_trials = min(self.budget.max_trials, search.grid_size(study.search_space))
         self.study = optuna.create_study(
@@ -148,6 +147,8 @@ class Engine:
             woken = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
+        if not self._failed_message:
+            await self._finish()
         counts = self.counts()
         if self._failed_message:
             self._notify(Event("study-failed", message=self._failed_message))
@@ -160,6 +161,9 @@ class Engine:
         return Outcome("Succeeded", message, counts)
 
     # -- the loop -----------------------------------------------------------
+    async def _finish(self) -> None:
+        """Work after the last trial ended (the ladder's validation runs); nothing by default."""
+
     def _real_failures(self) -> int:
         return sum(1 for t in self.trials((TrialState.FAIL,)) if t.user_attrs.get(FAIL_REASON) != INTERRUPTED)
 
@@ -185,8 +189,9 @@ class Engine:
         self._notify(Event("started", trial.number, _describe(trial.params)))
         self._follow(trial, run)
 
-    def _follow(self, trial: optuna.Trial, run: TrialRun) -> None:
-        task = asyncio.create_task(self._supervise(trial, run), name=f"trial-{trial.number}")
+    def _follow(self, trial: optuna.Trial, run: TrialRun, work: Coroutine[Any, Any, None] | None = None) -> None:
+        """Supervise a running trial in its own task (``work`` defaults to the plain trial loop)."""
+        task = asyncio.create_task(work or self._supervise(trial, run), name=f"trial-{trial.number}")
         self._running[trial.number] = task
         self._runs[trial.number] = run
 
@@ -232,38 +237,19 @@ class Engine:
     async def _ingest(self, trial: optuna.Trial, run: TrialRun) -> tuple[TrialState, float | None, dict[str, float]]:
         """Follow a trial's output; return (PRUNED or COMPLETE, value, last metrics), or raise TrialFailed."""
         reported = dict(self.storage.get_trial(trial._trial_id).intermediate_values)
-        final_value: float | None = None
-        last_metrics: dict[str, float] = {}
-        async for raw in run.lines():
-            line = parse_line(raw)
-            if line is None:
-                continue
-            value = line.metrics.get(self._objective)
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                where = "final line" if line.final else f"step {line.step}"
-                raise TrialFailed("NaN", f"objective {self._objective} is {value} at {where}")
-            last_metrics = line.metrics
-            if line.final:
-                final_value = value
-                continue
-            if line.step in reported:
-                continue  # already stored: output re-read after a reconnect or restart
-            reported[line.step] = value
-            trial.report(value, line.step)
-            metrics.REPORTED_VALUE.labels(**self.labels, step=metrics.step_bucket(line.step)).observe(value)
-            if line.time is not None:
-                metrics.METRIC_LAG.labels(**self.labels).observe(max(0.0, time.time() - line.time))
-            if trial.should_prune():
-                await run.stop()
-                return TrialState.PRUNED, None, last_metrics
-        exit = await run.wait()
-        if not exit.succeeded:
-            raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
-        if final_value is None and not reported:
-            raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {self._objective!r}")
-        return TrialState.COMPLETE, final_value if final_value is not None else reported[max(reported)], last_metrics
+
+        def on_step(step: int, value: float) -> bool:
+            if step in reported:
+                return False  # already stored: output re-read after a reconnect or restart
+            reported[step] = value
+            trial.report(value, step)
+            metrics.REPORTED_VALUE.labels(**self.labels, step=metrics.step_bucket(step)).observe(value)
+            return trial.should_prune()
+
+        result = await follow_output(run, self._objective, on_step, self.labels)
+        if result.stopped:
+            return TrialState.PRUNED, None, result.metrics
+        return TrialState.COMPLETE, result.value, result.metrics
 
     # -- bookkeeping --------------------------------------------------------
     def _record_failure(self, number: int, trial_id: int, reason: str, message: str) -> None:
@@ -310,3 +296,47 @@ def _last_value(trial: optuna.Trial) -> float | None:
 
 def _describe(params: dict[str, Any]) -> str:
     return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    value: float | None  # the final objective value; None when on_step stopped the run
+    metrics: dict[str, float]
+    stopped: bool = False
+
+
+async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str]) -> RunResult:
+    """Read a run's protocol lines to its end; ``on_step`` sees each value and may stop the run.
+
+    Raises TrialFailed for NaN, a failed exit, or a run that reported nothing.
+    """
+    final_value: float | None = None
+    last_value: float | None = None
+    last_metrics: dict[str, float] = {}
+    async for raw in run.lines():
+        line = parse_line(raw)
+        if line is None:
+            continue
+        value = line.metrics.get(objective)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            where = "final line" if line.final else f"step {line.step}"
+            raise TrialFailed("NaN", f"objective {objective} is {value} at {where}")
+        last_metrics = line.metrics
+        if line.final:
+            final_value = value
+            continue
+        last_value = value
+        if line.time is not None:
+            metrics.METRIC_LAG.labels(**labels).observe(max(0.0, time.time() - line.time))
+        if on_step(line.step, value):
+            await run.stop()
+            return RunResult(None, last_metrics, stopped=True)
+    exit = await run.wait()
+    if not exit.succeeded:
+        raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
+    if final_value is None and last_value is None:
+        raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {objective!r}")
+    return RunResult(final_value if final_value is not None else last_value, last_metrics)
+

@@ -117,14 +117,14 @@ class LocalProcessBackend:
     def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.extra_env = extra_env or {}
-        self._runs: dict[tuple[str, int], LocalRun] = {}
+        self._runs: dict[tuple[str, int, str], LocalRun] = {}
 
     async def launch(self, launch: TrialLaunch) -> LocalRun:
-        key = (launch.study, launch.number)
+        key = (launch.study, launch.number, launch.attempt)
         if key in self._runs:
             return self._runs[key]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log_path = self.workdir / f"trial-{launch.number}.log"
+        log_path = self.workdir / f"{launch.run_name}.log"
         env = {**os.environ, **self.extra_env, **launch.env}
         # Trials see the runner's own interpreter first, so `python -m ...` finds the same packages.
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", os.defpath)])
@@ -141,5 +141,5 @@ class LocalProcessBackend:
         self._runs[key] = run
         return run
 
-    async def attach(self, study: str, number: int) -> LocalRun | None:
-        return self._runs.get((study, number))
+    async def attach(self, study: str, number: int, attempt: str = "") -> LocalRun | None:
+        return self._runs.get((study, number, attempt))

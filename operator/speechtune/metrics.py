@@ -19,6 +19,10 @@ REPORTED_VALUE = Histogram(
 )
 PRUNED = Counter("speechtune_pruned", "Trials stopped early by the pruner", _STUDY)
 PROMOTIONS = Counter("speechtune_promotions", "Configurations promoted to a higher fidelity level", _STUDY + ["rung"])
+PROXY_CORRELATION = Gauge(
+    "speechtune_proxy_rank_correlation", "Spearman rho between adjacent fidelity levels' objectives",
+    _STUDY + ["from_level", "to_level"],
+)
 TRIAL_DURATION = Histogram(
     "speechtune_trial_duration_seconds", "Wall time of finished trials", _STUDY + ["state"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")),

@@ -92,6 +92,29 @@ class TrialTemplate:
 
 
 @dataclass(frozen=True)
+class Level:
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """The multi-fidelity ladder: each level is a new run with overrides (seed section 3)."""
+
+    levels: tuple[Level, ...]
+    reduction_factor: int = 4
+    initial_trials: int = 64
+    mode: str = "synchronous"
+    resume_from_checkpoint: bool = True
+    correlation_warning: float = 0.5
+    checkpoint_volume: str | None = None
+
+    def rung_sizes(self) -> list[int]:
+        """How many configurations run each level: 64 -> 16 -> 4 for eta 4."""
+        return [max(1, self.initial_trials // self.reduction_factor**k) for k in range(len(self.levels))]
+
+
+@dataclass(frozen=True)
 class Storage:
     url: str | None = None
     secret_name: str | None = None
@@ -111,6 +134,8 @@ class Study:
     trial_template: TrialTemplate
     storage: Storage
     namespace: str | None = None
+    fidelity: Fidelity | None = None
+    validation_seeds: int = 0
 
 
 class _Loader(yaml.SafeLoader):
@@ -205,8 +230,9 @@ class _Checker:
 
 _SPEC_FIELDS = {
     "objective", "maxTrials", "parallelism", "maxFailedTrials", "sampler", "pruner",
-    "searchSpace", "search_space", "trialTemplate", "storage",
+    "searchSpace", "search_space", "trialTemplate", "storage", "fidelity", "validation",
 }
+FIDELITY_MODES = ("synchronous", "asynchronous")
 
 
 def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -> Study:
@@ -223,6 +249,14 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
     space = _parse_search_space(spec.get("searchSpace", spec.get("search_space")), space_path, check)
     template = _parse_template(check.mapping(spec.get("trialTemplate"), "spec.trialTemplate"), check)
     storage = _parse_storage(check.mapping(spec.get("storage"), "spec.storage"), check)
+    fidelity = _parse_fidelity(spec.get("fidelity"), check) if "fidelity" in spec else None
+    if fidelity is not None and pruner.type != "none":
+        check.fail("spec.pruner.type", "must be none with spec.fidelity: the ladder decides which configurations continue")
+    validation = check.mapping(spec.get("validation"), "spec.validation")
+    check.unknown_keys(validation, "spec.validation", {"seeds"})
+    seeds = check.integer(validation.get("seeds"), "spec.validation.seeds", default=0, minimum=0) or 0
+    if seeds and fidelity is None:
+        check.fail("spec.validation.seeds", "needs spec.fidelity: the best top-level configuration is retrained")
     if sampler.type == "grid":
         for index, param in enumerate(space):
             if isinstance(param, FloatParam) and param.step is None:
@@ -231,7 +265,59 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
         name=name, objective=objective, max_trials=max_trials or 1, parallelism=parallelism or 1,
         max_failed_trials=max_failed if max_failed is not None else 5, sampler=sampler, pruner=pruner,
         search_space=space, trial_template=template, storage=storage, namespace=namespace,
+        fidelity=fidelity, validation_seeds=seeds,
     )
+
+
+def _parse_fidelity(value: Any, check: _Checker) -> Fidelity | None:
+    path = "spec.fidelity"
+    value = check.mapping(value, path)
+    check.unknown_keys(value, path, {"levels", "reductionFactor", "initialTrials", "mode", "resumeFromCheckpoint",
+                                     "correlationWarning", "checkpointVolume"})
+    raw_levels = value.get("levels")
+    if not isinstance(raw_levels, list) or len(raw_levels) < 2:
+        check.fail(f"{path}.levels", "needs at least two levels, lowest fidelity first")
+        raw_levels = []
+    levels: list[Level] = []
+    for index, level in enumerate(raw_levels):
+        where = f"{path}.levels[{index}]"
+        level = check.mapping(level, where)
+        check.unknown_keys(level, where, {"name", "overrides"})
+        name = level.get("name", f"level{index}")
+        overrides = check.mapping(level.get("overrides"), f"{where}.overrides")
+        if not isinstance(name, str) or not name:
+            check.fail(f"{where}.name", "must be a non-empty string")
+        for key, override in overrides.items():
+            if not isinstance(key, str) or not PARAM_NAME.match(key):
+                check.fail(f"{where}.overrides.{key}", "must be a parameter name (letters, digits, '_')")
+            if not isinstance(override, (str, int, float, bool)):
+                check.fail(f"{where}.overrides.{key}", f"must be a string, number or boolean, got {override!r}")
+        levels.append(Level(name=str(name), overrides=dict(overrides)))
+    if len({level.name for level in levels}) != len(levels):
+        check.fail(f"{path}.levels", "level names must be unique")
+    correlation = value.get("correlationWarning", 0.5)
+    if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not -1 <= correlation <= 1:
+        check.fail(f"{path}.correlationWarning", f"must be a number in [-1, 1], got {correlation!r}")
+        correlation = 0.5
+    resume = value.get("resumeFromCheckpoint", True)
+    if not isinstance(resume, bool):
+        check.fail(f"{path}.resumeFromCheckpoint", f"must be true or false, got {resume!r}")
+    volume = value.get("checkpointVolume")
+    if volume is not None and not isinstance(volume, str):
+        check.fail(f"{path}.checkpointVolume", "must be a directory (locally) or a PVC name (on a cluster)")
+    fidelity = Fidelity(
+        levels=tuple(levels),
+        reduction_factor=check.integer(value.get("reductionFactor"), f"{path}.reductionFactor", default=4, minimum=2) or 4,
+        initial_trials=check.integer(value.get("initialTrials"), f"{path}.initialTrials", default=64, minimum=1) or 64,
+        mode=check.choice(value.get("mode"), f"{path}.mode", FIDELITY_MODES, "synchronous"),
+        resume_from_checkpoint=resume is True,
+        correlation_warning=float(correlation),
+        checkpoint_volume=volume,
+    )
+    if levels and fidelity.initial_trials < fidelity.reduction_factor ** (len(levels) - 1):
+        check.fail(f"{path}.initialTrials", f"must be >= reductionFactor^(levels-1) = "
+                   f"{fidelity.reduction_factor ** (len(levels) - 1)}, so the top level gets a configuration")
+    return fidelity
 
 
 def _parse_objective(value: dict, check: _Checker) -> Objective:

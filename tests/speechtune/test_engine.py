@@ -236,7 +236,7 @@ class InstantBackend:
     async def launch(self, launch):
         return InstantRun(launch.params, epochs=3)
 
-    async def attach(self, study, number):
+    async def attach(self, study, number, attempt=""):
         return None
 
 

@@ -1,0 +1,74 @@
+"""kopf handlers: thin. Each SpeechTuningStudy gets a daemon that runs a StudyRunner.
+
+Deletion: kopf puts its finalizer on every study while the operator serves it.
+On delete the daemon is stopped (the trials' Jobs are left to the garbage
+collector: study -> Trials -> Jobs -> pods), then ``delete_study`` removes the
+Optuna study only if spec.storage.deleteOnStudyDeletion is true, then the
+finalizer goes and the object with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+import optuna
+
+from speechtune import spec
+from speechtune.k8s import metrics, studyspec
+from speechtune.k8s.api import GROUP, VERSION, Api
+from speechtune.k8s.runner import StorageProblem, StudyRunner, optuna_study_name, storage_url
+
+PLURAL = "speechtuningstudies"
+METRICS_PORT_ENV = "SPEECHTUNE_METRICS_PORT"
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.finalizer = "speechtune.io/finalizer"
+    settings.posting.level = logging.WARNING  # our Events are posted on purpose; kopf's info logs would drown them
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    memo.api = Api.from_environment()
+    port = os.environ.get(METRICS_PORT_ENV)
+    if port and not memo.get("metrics_served"):
+        metrics.serve(int(port))
+        memo.metrics_served = True
+        logger.info("Prometheus metrics on :%s/metrics", port)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.api.close()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+async def run_study(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """The study's whole life; returns only when the object is deleted or the operator stops."""
+    def post(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    await StudyRunner(memo.api, body, post).run(stopped)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_study(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Keep the Optuna study unless spec.storage.deleteOnStudyDeletion says otherwise."""
+    if not (body.get("spec") or {}).get("storage", {}).get("deleteOnStudyDeletion"):
+        return
+    try:
+        study, _options = studyspec.parse(body)
+        url = await storage_url(memo.api, meta["namespace"], study.storage)
+    except (spec.SpecError, StorageProblem) as error:
+        logger.warning("not deleting the Optuna study: %s", error)
+        return
+    name = optuna_study_name(meta["namespace"], meta["name"], meta["uid"])
+    try:
+        await asyncio.to_thread(optuna.delete_study, study_name=name, storage=url)
+        logger.info("deleted Optuna study %s", name)
+    except KeyError:
+        pass  # never created, or already gone

@@ -1,0 +1,135 @@
+"""Pure builders for the objects the operator creates: SpeechTuningTrial and its Job.
+
+No I/O here, so every shape is unit-tested without a cluster. Ownership makes
+deletion cascade through the garbage collector: study -> Trial -> Job -> pod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from speechtune.backend import TrialLaunch
+
+API_VERSION = "speechtune.io/v1alpha1"
+STUDY_KIND = "SpeechTuningStudy"
+TRIAL_KIND = "SpeechTuningTrial"
+STUDY_LABEL = "speechtune.io/study"
+TRIAL_LABEL = "speechtune.io/trial"
+RUNG_LABEL = "speechtune.io/rung"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "speechtune"}
+CONTAINER = "trainer"
+MAX_NAME = 63  # Job names end up in a pod label (batch.kubernetes.io/job-name)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Enough of an object to own another: apiVersion, kind, name, uid."""
+
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The cluster-only knobs of a study's trials (CRD fields that the engine's spec does not have)."""
+
+    image: str
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 3600
+
+
+def trial_name(study: str, number: int) -> str:
+    """The Trial's and the Job's name: deterministic, so a second launch of a trial finds the first.
+
+    ``<study>-<number>``; a study name too long for that is cut and given a
+    short hash, so two long names never collide.
+    """
+    suffix = f"-{number}"
+    if len(study) + len(suffix) <= MAX_NAME:
+        return study + suffix
+    digest = hashlib.sha256(study.encode()).hexdigest()[:6]
+    keep = MAX_NAME - len(suffix) - len(digest) - 1
+    return f"{study[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def labels(study: str, number: int, rung: int = 0) -> dict[str, str]:
+    return {**MANAGED_BY, STUDY_LABEL: study, TRIAL_LABEL: str(number), RUNG_LABEL: str(rung)}
+
+
+def build_trial(study: Owner, number: int, params: dict[str, Any], rung: int = 0) -> dict[str, Any]:
+    """The SpeechTuningTrial object for a trial, owned by its study."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": TRIAL_KIND,
+        "metadata": {
+            "name": trial_name(study.name, number),
+            "labels": labels(study.name, number, rung),
+            "ownerReferences": [study.reference()],
+        },
+        "spec": {"study": study.name, "number": number, "rung": rung, "params": dict(params)},
+    }
+
+
+def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str, rung: int = 0) -> dict[str, Any]:
+    """The Job that runs one trial, owned by its Trial.
+
+    The pod gets the trainer's argv and env only: no service-account token and
+    no database credentials (only the operator talks to the storage), and a
+    securityContext that passes the PodSecurity "restricted" profile.
+    """
+    command = list(launch.template.command)
+    env = [{"name": name, "value": value} for name, value in sorted(launch.env.items())]
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})  # protocol lines reach the log as printed
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": options.image,
+        "command": command,
+        "args": list(launch.argv[len(command):]),
+        "env": env,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = {key: value for key, value in launch.template.resources.items() if key in ("limits", "requests")}
+    if resources:
+        container["resources"] = resources
+    trial_labels = labels(study, launch.number, rung)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": trial.name,
+            "labels": trial_labels,
+            "ownerReferences": [trial.reference()],
+        },
+        "spec": {
+            "backoffLimit": options.backoff_limit,
+            "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
+            "template": {
+                "metadata": {"labels": trial_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "runAsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                },
+            },
+        },
+    }

@@ -1,0 +1,253 @@
+"""One study's life in the operator: spec -> storage -> engine, and engine state -> status.
+
+Level-based: every pass reads the object as it is now. A budget change is
+handed to the running engine; any other spec change restarts the engine,
+which re-attaches to the Jobs still running. The engine and its trials carry
+on without the operator's attention; this loop only mirrors their state into
+the study's and the Trials' status, and turns the engine's events into
+Kubernetes Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from speechtune import spec
+from speechtune.engine import Engine, Event
+from speechtune.k8s import metrics, retention, status, studyspec
+from speechtune.k8s.api import Api, ApiError, path
+from speechtune.k8s.backend import KubernetesJobBackend
+from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, trial_name
+from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
+
+log = logging.getLogger(__name__)
+
+STORAGE_ENV = "SPEECHTUNE_STORAGE_URL"
+SYNC_SECONDS = 1.0  # how often running trials' progress reaches their status
+RETRY_SECONDS = 10.0  # after a storage or API problem
+PATCH_CONCURRENCY = 16
+
+EVENTS = {  # engine event -> (Kubernetes event type, reason)
+    "started": ("Normal", "TrialStarted"),
+    "pruned": ("Normal", "TrialPruned"),
+    "completed": ("Normal", "TrialCompleted"),
+    "promoted": ("Normal", "TrialPromoted"),
+    "failed": ("Warning", "TrialFailed"),
+    "study-failed": ("Warning", "StudyFailed"),
+    "study-succeeded": ("Normal", "StudySucceeded"),
+}
+
+
+class StorageProblem(RuntimeError):
+    """The study's storage cannot be found or opened; ``reason`` goes into the Ready condition."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def optuna_study_name(namespace: str, name: str, uid: str) -> str:
+    """Unique per object: a study deleted and created again starts afresh (the old one stays in storage)."""
+    return f"{namespace}.{name}.{uid[:8]}"
+
+
+async def storage_url(api: Api, namespace: str, storage: spec.Storage) -> str:
+    """spec.storage.url, else the Secret spec.storage.secretRef names, else the operator's default."""
+    if storage.url:
+        return storage.url
+    if storage.secret_name:
+        secret = await api.get(path("secrets", namespace, storage.secret_name))
+        if secret is None:
+            raise StorageProblem("SecretNotFound", f"spec.storage.secretRef.name: Secret {storage.secret_name!r} not found in {namespace}")
+        data = (secret.get("data") or {}).get(storage.secret_key)
+        if not data:
+            raise StorageProblem("SecretKeyNotFound", f"spec.storage.secretRef.key: Secret {storage.secret_name!r} has no key {storage.secret_key!r}")
+        return base64.b64decode(data).decode().strip()
+    url = os.environ.get(STORAGE_ENV)
+    if not url:
+        raise StorageProblem("NoStorage", f"spec.storage: give secretRef (or url), or set the operator's {STORAGE_ENV}")
+    return url
+
+
+class StudyRunner:
+    """Runs one SpeechTuningStudy until it is deleted or the operator stops."""
+
+    def __init__(self, api: Api, body: Any, post_event: Callable[[str, str, str], None]):
+        self.api = api
+        self.body = body  # kopf's live view: always the latest object
+        self.post_event = post_event
+        self.namespace = body["metadata"]["namespace"]
+        self.name = body["metadata"]["name"]
+        self.optuna_name = optuna_study_name(self.namespace, self.name, body["metadata"]["uid"])
+        self.labels = {"namespace": self.namespace, "study": self.optuna_name}
+        self._wake = asyncio.Event()
+        self._last_status: dict[str, Any] = {}
+        self._settled: set[int] = set()  # finished trials whose final status is written
+
+    # -- the loop -----------------------------------------------------------------
+    async def run(self, stopped: Any) -> None:
+        while not stopped:
+            generation = self._generation()
+            snapshot = _snapshot(self.body)
+            try:
+                study, options = studyspec.parse(snapshot)
+            except spec.SpecError as error:
+                await self._set_state("Failed", "InvalidSpec", str(error).replace("\n", "; "), generation)
+                await self._until_changed(generation, stopped)
+                continue
+            try:
+                url = await storage_url(self.api, self.namespace, study.storage)
+                storage = await asyncio.to_thread(lambda: WriteThroughStorage(open_rdb(url)))
+            except (StorageProblem, StorageUnavailable) as error:
+                await self._set_state("Pending", getattr(error, "reason", "StorageUnavailable"), str(error), generation)
+                await stopped.wait(RETRY_SECONDS)
+                continue
+            try:
+                await self._run_engine(study, options, storage, stopped)
+            except (StorageUnavailable, ApiError, optuna.exceptions.OptunaError) as error:
+                log.warning("study %s/%s: %s; retrying in %.0f s", self.namespace, self.name, error, RETRY_SECONDS)
+                await self._set_state("Pending", type(error).__name__, str(error)[:1000], generation)
+                await stopped.wait(RETRY_SECONDS)
+            finally:
+                storage.rdb.engine.dispose()
+
+    async def _run_engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
+                          stopped: Any) -> None:
+        owner = Owner(API_VERSION, STUDY_KIND, self.name, self.body["metadata"]["uid"])
+        backend = KubernetesJobBackend(self.api, self.namespace, owner, options.job, options.pending_timeout_seconds)
+        await backend.start()
+        self._settled.clear()
+        try:
+            engine = await asyncio.to_thread(Engine, study, storage, backend, study_name=self.optuna_name,
+                                             namespace=self.namespace, notify=self._notify)
+            engine.update_budget(**studyspec.budget(_snapshot(self.body)))
+            generation = self._generation()
+            shape = studyspec.without_budget(_snapshot(self.body))
+            running = asyncio.create_task(engine.run(), name=f"study-{self.namespace}/{self.name}")
+            try:
+                while not running.done():
+                    await _first(running, self._wake.wait(), stopped.wait(), timeout=SYNC_SECONDS)
+                    self._wake.clear()
+                    if stopped:
+                        return
+                    if self._generation() != generation:
+                        if studyspec.without_budget(_snapshot(self.body)) != shape:
+                            return  # restart with the new spec; the Jobs keep running and are re-attached
+                        generation = self._generation()
+                        engine.update_budget(**studyspec.budget(_snapshot(self.body)))
+                    if not running.done():
+                        await self._sync(engine, backend, options, "Running", "Running", "trials are running", generation)
+                outcome = running.result()
+            finally:
+                if not running.done():
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+            reason = "Completed" if outcome.state == "Succeeded" else "TooManyFailures"
+            await self._sync(engine, backend, options, outcome.state, reason, outcome.message, generation)
+        finally:
+            await backend.close()
+        await self._until_changed(generation, stopped)  # done: a bigger budget starts it again
+
+    # -- status -----------------------------------------------------------------------
+    async def _sync(self, engine: Engine, backend: KubernetesJobBackend, options: studyspec.ClusterOptions,
+                    state: str, reason: str, message: str, generation: int) -> None:
+        began = time.perf_counter()
+        direction = engine.spec.objective.direction
+        trials = engine.trials()
+        patches = []
+        for trial in trials:
+            if trial.number in self._settled or trial.number not in backend.trial_uids:
+                continue
+            desired = status.trial_status(trial, direction)
+            if desired != backend.trial_status.get(trial.number):
+                patches.append((trial.number, desired))
+            elif trial.state.is_finished():
+                self._settled.add(trial.number)
+        gate = asyncio.Semaphore(PATCH_CONCURRENCY)
+
+        async def patch_trial(number: int, desired: dict[str, Any]) -> None:
+            async with gate:
+                name = backend_trial_name(backend, number)
+                await self.api.patch(path("speechtuningtrials", self.namespace, name, "status"), {"status": _replace(backend.trial_status.get(number), desired)})
+                backend.trial_status[number] = desired
+
+        await asyncio.gather(*(patch_trial(number, desired) for number, desired in patches))
+        for number in retention.to_delete([t for t in trials if t.number in backend.trial_uids], options.keep_trials, direction):
+            await self.api.delete(path("speechtuningtrials", self.namespace, backend_trial_name(backend, number)))
+            backend.trial_uids.pop(number, None)
+            backend.trial_status.pop(number, None)
+        await self._set_state(state, reason, message, generation, counts=status.trial_counts(engine.counts()),
+                              best=status.best_trial(engine.best_trial()))
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - began)
+
+    async def _set_state(self, state: str, reason: str, message: str, generation: int, *,
+                         counts: dict[str, int] | None = None, best: dict[str, Any] | None = None) -> None:
+        desired: dict[str, Any] = {"observedGeneration": generation, "state": state, "message": message[:1000],
+                                   "optunaStudy": self.optuna_name}
+        if counts is not None:
+            desired["trials"] = counts
+        if best is not None:
+            desired["bestTrial"] = best
+        conditions = status.phase_conditions(state, reason, message[:1000], generation)
+        if desired == self._last_status.get("desired") and conditions == self._last_status.get("conditions"):
+            return
+        previous = (self.body.get("status") or {}).get("conditions") or []
+        desired["conditions"] = status.merge_conditions(previous, conditions, datetime.datetime.now(datetime.timezone.utc))
+        await self.api.patch(path("speechtuningstudies", self.namespace, self.name, "status"), {"status": desired})
+        self._last_status = {"desired": {k: v for k, v in desired.items() if k != "conditions"}, "conditions": conditions}
+
+    def _notify(self, event: Event) -> None:
+        kind, reason = EVENTS.get(event.kind, ("Normal", event.kind))
+        subject = f"trial {event.number}: " if event.number is not None else ""
+        self.post_event(kind, reason, f"{subject}{event.message}"[:1000])
+        self._wake.set()
+
+    # -- waiting ------------------------------------------------------------------------
+    def _generation(self) -> int:
+        return self.body["metadata"].get("generation", 0)
+
+    async def _until_changed(self, generation: int, stopped: Any) -> None:
+        while not stopped and self._generation() == generation:
+            await stopped.wait(1.0)
+
+
+def backend_trial_name(backend: KubernetesJobBackend, number: int) -> str:
+    return trial_name(backend.study.name, number)
+
+
+def _replace(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch that also removes the keys the new status no longer has."""
+    return {**{key: None for key in (old or {}) if key not in new}, **new}
+
+
+def _snapshot(body: Any) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": dict(body["metadata"]), "spec": _plain(body.get("spec") or {})}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "items"):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+async def _first(*awaitables: Any, timeout: float) -> None:
+    """Wait until any of them is done, or the timeout; cancel the rest (never the tasks passed in)."""
+    futures = [item if isinstance(item, asyncio.Future) else asyncio.ensure_future(item) for item in awaitables]
+    owned = [future for future, item in zip(futures, awaitables) if future is not item]
+    try:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in owned:
+            future.cancel()

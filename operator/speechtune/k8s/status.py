@@ -1,0 +1,102 @@
+"""What the operator writes into status: pure functions from Optuna's trials to the CRDs' status fields.
+
+Kubernetes API conventions: conditions Ready / Succeeded / Failed, each with
+reason, message, observedGeneration and a lastTransitionTime that moves only
+when its status does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune.engine import FAIL_REASON
+
+STATES = {
+    TrialState.WAITING: "Waiting", TrialState.RUNNING: "Running", TrialState.COMPLETE: "Complete",
+    TrialState.PRUNED: "Pruned", TrialState.FAIL: "Failed",
+}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _time(moment: datetime.datetime | None) -> str | None:
+    """Optuna keeps naive local times; the API wants RFC 3339 UTC."""
+    if moment is None:
+        return None
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def trial_status(trial: FrozenTrial, direction: str) -> dict[str, Any]:
+    """A SpeechTuningTrial's status: state, last step, latest and best value, why it ended."""
+    values = {step: value for step, value in trial.intermediate_values.items() if _finite(value) is not None}
+    pick = min if direction == "minimize" else max
+    final = _finite(trial.value) if trial.state == TrialState.COMPLETE else None
+    latest = final if final is not None else (values[max(values)] if values else None)
+    candidates = list(values.values()) + ([final] if final is not None else [])
+    status: dict[str, Any] = {
+        "state": STATES[trial.state],
+        "lastStep": max(values) if values else None,
+        "value": latest,
+        "bestValue": pick(candidates) if candidates else None,
+        "startTime": _time(trial.datetime_start),
+        "completionTime": _time(trial.datetime_complete),
+    }
+    if trial.state == TrialState.FAIL:
+        status["reason"] = trial.user_attrs.get(FAIL_REASON, "Failed")
+        status["message"] = trial.user_attrs.get("fail_message", "")
+    elif trial.state == TrialState.PRUNED:
+        status["reason"] = "Pruned"
+        status["message"] = f"pruned by the pruner at step {max(values)}" if values else "pruned by the pruner"
+    return {key: value for key, value in status.items() if value is not None}
+
+
+def trial_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The study's status.trials from Engine.counts()."""
+    return {
+        "total": sum(count for state, count in counts.items() if state in TrialState.__members__),
+        "running": counts.get("RUNNING", 0),
+        "complete": counts.get("COMPLETE", 0),
+        "pruned": counts.get("PRUNED", 0),
+        "failed": counts.get("FAIL", 0),
+        "waiting": counts.get("WAITING", 0),
+    }
+
+
+def best_trial(trial: FrozenTrial | None) -> dict[str, Any] | None:
+    if trial is None or _finite(trial.value) is None:
+        return None
+    return {"number": trial.number, "value": trial.value, "params": dict(trial.params)}
+
+
+def condition(type_: str, status: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+    return {"type": type_, "status": "True" if status else "False", "reason": reason, "message": message,
+            "observedGeneration": generation}
+
+
+def merge_conditions(previous: list[dict[str, Any]], new: list[dict[str, Any]], now: datetime.datetime) -> list[dict[str, Any]]:
+    """The new conditions, keeping lastTransitionTime of those whose status did not change."""
+    before = {c.get("type"): c for c in previous or []}
+    stamp = now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    merged = []
+    for item in new:
+        old = before.get(item["type"])
+        kept = old.get("lastTransitionTime") if old and old.get("status") == item["status"] else None
+        merged.append({**item, "lastTransitionTime": kept or stamp})
+    return merged
+
+
+def phase_conditions(state: str, reason: str, message: str, generation: int | None) -> list[dict[str, Any]]:
+    """Ready / Succeeded / Failed for a study state: Pending, Running, Succeeded or Failed."""
+    return [
+        condition("Ready", state == "Running", reason if state != "Running" else "Running", message, generation),
+        condition("Succeeded", state == "Succeeded", reason if state == "Succeeded" else "NotFinished",
+                  message if state == "Succeeded" else "", generation),
+        condition("Failed", state == "Failed", reason if state == "Failed" else "NotFailed",
+                  message if state == "Failed" else "", generation),
+    ]

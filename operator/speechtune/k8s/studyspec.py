@@ -1,0 +1,74 @@
+"""A SpeechTuningStudy object -> the engine's Study plus the cluster-only options.
+
+The CRD's spec is the engine's spec with a few fields only a cluster has
+(pendingTimeoutSeconds, retention, storage.deleteOnStudyDeletion,
+trialTemplate.backoffLimit and ttlSecondsAfterFinished). They are taken out
+here, and the rest goes through speechtune.spec -- the same checks as a local
+study file -- so what CEL cannot say still fails with the field named.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from speechtune import spec
+from speechtune.k8s.manifests import JobOptions
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    job: JobOptions
+    pending_timeout_seconds: int = 600
+    keep_trials: int | None = None
+    delete_on_study_deletion: bool = False
+
+
+BUDGET_FIELDS = ("maxTrials", "parallelism", "maxFailedTrials")
+
+
+def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
+    """Validate a study object; raise spec.SpecError naming every bad field."""
+    raw = copy.deepcopy(dict(body.get("spec") or {}))
+    template = raw.get("trialTemplate") if isinstance(raw.get("trialTemplate"), dict) else {}
+    storage = raw.get("storage") if isinstance(raw.get("storage"), dict) else {}
+    retention = raw.pop("retention", None) or {}
+    options = ClusterOptions(
+        job=JobOptions(
+            image=template.pop("image", None) or "",
+            backoff_limit=template.pop("backoffLimit", 0),
+            ttl_seconds_after_finished=template.pop("ttlSecondsAfterFinished", 3600),
+        ),
+        pending_timeout_seconds=raw.pop("pendingTimeoutSeconds", 600),
+        keep_trials=retention.get("keepTrials"),
+        delete_on_study_deletion=bool(storage.pop("deleteOnStudyDeletion", False)),
+    )
+    metadata = body.get("metadata") or {}
+    problems: list[tuple[str, str]] = []
+    try:
+        study = spec.parse_study({"apiVersion": body.get("apiVersion", spec.API_VERSION), "kind": body.get("kind", spec.KIND),
+                                  "metadata": {"name": metadata.get("name"), "namespace": metadata.get("namespace")},
+                                  "spec": raw})
+    except spec.SpecError as error:
+        problems.extend(error.problems)
+    if not options.job.image:
+        problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
+    if problems:
+        raise spec.SpecError(problems)
+    return study, options
+
+
+def budget(body: dict[str, Any]) -> dict[str, Any]:
+    """The budget fields as the engine's update_budget takes them."""
+    raw = body.get("spec") or {}
+    return {"max_trials": raw.get("maxTrials"), "parallelism": raw.get("parallelism"),
+            "max_failed_trials": raw.get("maxFailedTrials")}
+
+
+def without_budget(body: dict[str, Any]) -> dict[str, Any]:
+    """The spec minus the fields a running study applies at once; a change here restarts the engine."""
+    raw = dict(body.get("spec") or {})
+    for name in BUDGET_FIELDS + ("retention",):
+        raw.pop(name, None)
+    return raw
