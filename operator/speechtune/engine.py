@@ -120,11 +120,8 @@ class Engine:
         return self.study.get_trials(deepcopy=False, states=states)
 
     def counts(self) -> dict[str, int]:
-        counts = {state.name: 0 for state in TrialState}
-        for trial in self.trials():
-            counts[trial.state.name] += 1
-        counts[INTERRUPTED] = sum(1 for t in self.trials((TrialState.FAIL,)) if t.user_attrs.get(FAIL_REASON) == INTERRUPTED)
-        return counts
+        """Trials per state (RUNNING, COMPLETE, PRUNED, FAIL, WAITING), from the storage's counters."""
+        return {state.name: count for state, count in self.storage.state_counts(self.study._study_id).items()}
 
     def best_trial(self) -> FrozenTrial | None:
         try:
@@ -170,9 +167,9 @@ class Engine:
     def _can_start(self) -> bool:
         if self._failed_message or len(self._running) >= self.budget.parallelism:
             return False
-        trials = self.trials()
+        counts = self.counts()
         # A WAITING trial (queued again after an interruption) is already counted in the total.
-        return len(trials) < self.budget.max_trials or any(t.state == TrialState.WAITING for t in trials)
+        return sum(counts.values()) < self.budget.max_trials or counts["WAITING"] > 0
 
     async def _start_next(self) -> None:
         began = time.perf_counter()
@@ -275,8 +272,7 @@ class Engine:
 
     def _publish_counts(self) -> None:
         for state, count in self.counts().items():
-            if state != INTERRUPTED:
-                metrics.TRIALS.labels(**self.labels, state=state).set(count)
+            metrics.TRIALS.labels(**self.labels, state=state).set(count)
 
     def _publish_best(self) -> None:
         best = self.best_trial()

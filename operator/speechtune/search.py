@@ -16,8 +16,8 @@ from speechtune import spec
 
 # Above this many finished trials, history-based samplers see a bounded window
 # (the best trials plus the most recent ones), so `ask` stays fast at 10,000+.
-HISTORY_WINDOW = 600
-HISTORY_ELITE = 150
+HISTORY_WINDOW = 400
+HISTORY_ELITE = 100
 
 
 def distributions(space: tuple[spec.Param, ...]) -> dict[str, BaseDistribution]:
@@ -83,10 +83,31 @@ def build_pruner(pruner: spec.Pruner) -> optuna.pruners.BasePruner:
     if pruner.type == "successiveHalving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=pruner.min_resource, reduction_factor=pruner.reduction_factor)
     if pruner.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(
+        return _HyperbandPruner(
             min_resource=pruner.min_resource, max_resource=pruner.max_resource, reduction_factor=pruner.reduction_factor,
         )
     return optuna.pruners.NopPruner()
+
+
+class _HyperbandPruner(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband, remembering each trial's bracket.
+
+    Optuna recomputes the bracket (a crc32 of study name and number) of every trial in the
+    study on every prune check; a bracket never changes, so it is computed once.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._brackets: dict[tuple[str, int], int] = {}
+
+    def _get_bracket_id(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        key = (study.study_name, trial.number)
+        if key in self._brackets:
+            return self._brackets[key]
+        bracket = super()._get_bracket_id(study, trial)
+        if self._pruners:  # before initialisation every trial reads as bracket 0: not final
+            self._brackets[key] = bracket
+        return bracket
 
 
 class BoundedHistorySampler(BaseSampler):

@@ -78,7 +78,21 @@ class WriteThroughStorage(BaseStorage):
         self._memory = InMemoryStorage()
         self._study_ids: dict[int, int] = {}  # memory study id -> database study id
         self._trial_ids: dict[int, int] = {}  # memory trial id -> database trial id
+        self._trial_study: dict[int, int] = {}  # memory trial id -> memory study id
         self._pending: list[Callable[[sqlalchemy.Connection], None]] | None = None
+        self._states: dict[int, dict[TrialState, int]] = {}  # study -> trials per state, kept as writes happen
+
+    def state_counts(self, study_id: int) -> dict[TrialState, int]:
+        """Trials per state in O(1): the engine asks on every loop turn."""
+        return dict(self._states.setdefault(study_id, {state: 0 for state in TrialState}))
+
+    def _count(self, study_id: int, old: TrialState | None, new: TrialState, trial_id: int | None = None) -> None:
+        if trial_id is not None:
+            self._trial_study[trial_id] = study_id
+        counts = self._states.setdefault(study_id, {state: 0 for state in TrialState})
+        if old is not None:
+            counts[old] -= 1
+        counts[new] += 1
 
     # -- durability ---------------------------------------------------------
     @contextmanager
@@ -153,6 +167,7 @@ class WriteThroughStorage(BaseStorage):
         for trial in sorted(self.rdb.get_all_trials(db_id, deepcopy=False), key=lambda t: t.number):
             memory_trial = self._memory.create_new_trial(memory_id, template_trial=trial)
             self._trial_ids[memory_trial] = trial._trial_id
+            self._count(memory_id, None, trial.state, memory_trial)
         return memory_id
 
     def delete_study(self, study_id: int) -> None:
@@ -192,9 +207,11 @@ class WriteThroughStorage(BaseStorage):
             db_trial = self.rdb.create_new_trial(self._study_ids[study_id], template_trial)
             memory_trial = self._memory.create_new_trial(study_id, template_trial)
             self._trial_ids[memory_trial] = db_trial
+            self._count(study_id, None, template_trial.state, memory_trial)
             return memory_trial
         memory_trial = self._memory.create_new_trial(study_id)
         frozen = self._memory.get_trial(memory_trial)
+        self._count(study_id, None, frozen.state, memory_trial)
         db_study = self._study_ids[study_id]
 
         def insert(connection: sqlalchemy.Connection) -> None:
@@ -212,9 +229,11 @@ class WriteThroughStorage(BaseStorage):
         self._write(lambda c: c.execute(models.TrialParamModel.__table__.insert().values(trial_id=self._trial_ids[trial_id], **row)))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        before = self._memory.get_trial(trial_id).state
         if not self._memory.set_trial_state_values(trial_id, state, values):
             return False
         frozen = self._memory.get_trial(trial_id)
+        self._count(self._trial_study[trial_id], before, state)
         table = models.TrialModel.__table__
         change: dict[str, Any] = {"state": state}
         if state == TrialState.RUNNING:

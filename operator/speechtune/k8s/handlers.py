@@ -41,6 +41,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         logger.info("Prometheus metrics on :%s/metrics", port)
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The same credentials as our own client (speechtune.k8s.api), without the kubernetes library."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.api.close()

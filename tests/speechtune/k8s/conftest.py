@@ -26,8 +26,8 @@ def crds(kube_cluster):
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    with postgres_server() as url:
-        yield url
+    with postgres_server() as server:
+        yield server.url
 
 
 @contextlib.contextmanager

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import socket
+import urllib.request
+
 import optuna
+import yaml
 import pytest
 from optuna.trial import TrialState
 
@@ -12,19 +18,44 @@ pytestmark = pytest.mark.cluster
 EXAMPLE = REPO / "examples" / "k8s" / "fake-study.yaml"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def small_study(name: str, args: list[str], *, command=("python", "-m", "speechtune.fake_trainer"), **spec) -> dict:
+    body = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    body["metadata"] = {"name": name}
+    body["spec"].update({"maxTrials": 1, "parallelism": 1, "maxFailedTrials": 1, "pruner": {"type": "none"}, **spec})
+    body["spec"]["trialTemplate"].update(command=list(command), args=args)
+    return body
+
+
+def events(cluster, namespace: str, name: str) -> list[str]:
+    listing = get_json(cluster, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return [event["reason"] for event in listing["items"]]
+
+
 def study_status(cluster, namespace: str, name: str) -> dict:
     return get_json(cluster, "speechtuningstudy", name, "-n", namespace).get("status") or {}
 
 
 def test_fake_study_reaches_succeeded_with_every_value_in_optuna(crds, kube_namespace, postgres_url, monkeypatch):
     cluster = crds
-    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
+    port = free_port()
+    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch, {"SPEECHTUNE_METRICS_PORT": str(port)}):
         cluster.kubectl("apply", "-n", kube_namespace, "-f", str(EXAMPLE))
         status = wait_until(
             lambda: (s := study_status(cluster, kube_namespace, "fake-digits")).get("state") in ("Succeeded", "Failed") and s,
             timeout=180, what="the study to finish")
         trials_table = cluster.kubectl("get", "speechtuningtrials", "-n", kube_namespace,
                                        "-l", "speechtune.io/study=fake-digits").stdout
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "speechtune_reconcile_seconds_count" in exposition
+    assert f'speechtune_trials{{namespace="{kube_namespace}",state="COMPLETE",study="{status["optunaStudy"]}"}}' in exposition
+    reasons = events(cluster, kube_namespace, "fake-digits")
+    assert {"TrialStarted", "TrialPruned", "TrialCompleted", "StudySucceeded"} <= set(reasons), reasons
     assert status["state"] == "Succeeded", status
     study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
     trials = study.get_trials()
@@ -49,3 +80,51 @@ def test_fake_study_reaches_succeeded_with_every_value_in_optuna(crds, kube_name
     assert len(rows) == 20
     best_row = next(row.split() for row in rows if row.split()[1] == str(best.number))
     assert best_row[2:5] == ["Complete", "9", f"{best.value:g}"]
+
+
+def test_deleting_a_running_study_cascades_to_trials_jobs_and_pods_and_keeps_optuna(crds, kube_namespace, postgres_url,
+                                                                                     monkeypatch):
+    cluster = crds
+    body = small_study("doomed", ["--epochs", "9", "--sleep", "5"], maxTrials=6, parallelism=3)
+    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
+        cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+        wait_until(lambda: len([p for p in get_json(cluster, "pods", "-n", kube_namespace)["items"]
+                                if p["status"].get("phase") == "Running"]) == 3, timeout=60, what="3 running trial pods")
+        optuna_name = study_status(cluster, kube_namespace, "doomed")["optunaStudy"]
+        cluster.kubectl("delete", "stune", "doomed", "-n", kube_namespace, "--timeout=60s")
+        for kind in ("speechtuningtrials", "jobs", "pods"):
+            wait_until(lambda: not get_json(cluster, kind, "-n", kube_namespace)["items"], timeout=60,
+                       what=f"the garbage collector to delete the study's {kind}")
+    study = optuna.load_study(study_name=optuna_name, storage=postgres_url)
+    assert len(study.trials) == 3
+
+
+FAILURES = [  # (study, args, command, extra spec, the Trial's reason, words of its message)
+    ("crash", ["--fail-at", "2"], None, {}, "Error", "simulated crash at epoch 2"),
+    ("nan", ["--nan-at", "2"], None, {}, "NaN", "objective wer is nan at step 2"),
+    ("silent", ["--no-metrics"], None, {}, "NoMetrics", "printed no protocol line"),
+    ("oom", [], ("python", "-c", "import os; print('allocating', flush=True); os.kill(os.getpid(), 9)"), {},
+     "OOMKilled", "ran out of memory"),
+    ("greedy", [], None, {"pendingTimeoutSeconds": 3}, "Unschedulable", "Insufficient nvidia.com/gpu"),
+]
+
+
+def test_failures_are_classified_in_the_trial_status_and_fail_the_study(crds, kube_namespace, postgres_url, monkeypatch):
+    cluster = crds
+    for name, args, command, extra, _, _ in FAILURES:
+        body = small_study(name, args, **({"command": command} if command else {}), **extra)
+        if name == "greedy":
+            body["spec"]["trialTemplate"]["resources"] = {"limits": {"nvidia.com/gpu": 9}}
+        cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
+        for name, *_ in FAILURES:
+            wait_until(lambda: study_status(cluster, kube_namespace, name).get("state") in ("Succeeded", "Failed"),
+                       timeout=60, what=f"study {name} to end")
+    for name, _, _, _, reason, words in FAILURES:
+        status = study_status(cluster, kube_namespace, name)
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert (status["state"], failed["reason"]) == ("Failed", "TooManyFailures"), (name, status)
+        trial = get_json(cluster, "speechtuningtrials", f"{name}-0", "-n", kube_namespace)["status"]
+        assert trial["state"] == "Failed" and trial["reason"] == reason, (name, trial)
+        assert words in trial["message"], (name, trial)
+        assert "TrialFailed" in events(cluster, kube_namespace, name)
