@@ -85,6 +85,7 @@ def build_launch(study: str, number: int, template: spec.TrialTemplate, params: 
         PARAMS_ENV: json.dumps(values, sort_keys=True),
         "SPEECHTUNE_STUDY": study,
         "SPEECHTUNE_TRIAL": str(number),
+        "SPEECHTUNE_ATTEMPT": attempt,
     }
     return TrialLaunch(study=study, number=number, argv=template.command + template.args + flags, env=env,
                        params=values, template=template, attempt=attempt)
