@@ -128,3 +128,35 @@ def test_failures_are_classified_in_the_trial_status_and_fail_the_study(crds, ku
         assert trial["state"] == "Failed" and trial["reason"] == reason, (name, trial)
         assert words in trial["message"], (name, trial)
         assert "TrialFailed" in events(cluster, kube_namespace, name)
+
+
+def test_budget_changes_apply_to_a_running_and_to_a_finished_study(crds, kube_namespace, postgres_url, monkeypatch):
+    cluster = crds
+    body = small_study("growing", ["--epochs", "3", "--sleep", "0.5"], maxTrials=3, parallelism=1)
+    body["spec"]["retention"] = {"keepTrials": 2}
+
+    def patch(**fields):
+        cluster.kubectl("patch", "stune", "growing", "-n", kube_namespace, "--type=merge", "-p",
+                        json.dumps({"spec": fields}))
+
+    def finished(total):
+        status = study_status(cluster, kube_namespace, "growing")
+        return status.get("state") == "Succeeded" and status["trials"]["total"] == total and status
+
+    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
+        cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+        wait_until(lambda: study_status(cluster, kube_namespace, "growing").get("state") == "Running", 30, "Running")
+        patch(maxTrials=5, parallelism=2)
+        wait_until(lambda: study_status(cluster, kube_namespace, "growing").get("trials", {}).get("running") == 2,
+                   30, "two trials at once")
+        wait_until(lambda: finished(5), 60, "5 trials")
+        patch(maxTrials=6)
+        status = wait_until(lambda: finished(6), 60, "a 6th trial after the study had succeeded")
+        wait_until(lambda: len(get_json(cluster, "strial", "-n", kube_namespace)["items"]) == 2, 30,
+                   "retention to keep 2 Trial objects")
+    assert status["observedGeneration"] == get_json(cluster, "stune", "growing", "-n", kube_namespace)["metadata"]["generation"]
+    study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
+    assert len(study.trials) == 6
+    best_two = sorted(study.trials, key=lambda t: t.value)[:2]
+    kept = get_json(cluster, "strial", "-n", kube_namespace)["items"]
+    assert sorted(t["spec"]["number"] for t in kept) == sorted(t.number for t in best_two)
