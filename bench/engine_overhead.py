@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,6 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speechtune import fake_trainer, spec  # noqa: E402
-from speechtune.backend import Exit  # noqa: E402
 from speechtune.engine import Engine  # noqa: E402
 from speechtune.storage import WriteThroughStorage, open_rdb  # noqa: E402
 from tests.support.postgres import postgres_server  # noqa: E402
@@ -101,34 +99,9 @@ def _study_spec(url: str, trials: int) -> spec.Study:
     })
 
 
-class FreeRun:
-    """A trainer that costs nothing: its protocol lines are computed in-process."""
-
-    def __init__(self, params):
-        self.params = {name: str(value) for name, value in params.items()}
-
-    async def lines(self):
-        for step in range(1, STEPS + 1):
-            yield json.dumps({"speechtune": 1, "step": step, "wer": fake_trainer.wer(self.params, step)}).encode()
-
-    async def wait(self):
-        return Exit(succeeded=True, exit_code=0)
-
-    async def stop(self):
-        pass
-
-
-class FreeBackend:
-    async def launch(self, launch):
-        return FreeRun(launch.params)
-
-    async def attach(self, study, number, attempt=""):
-        return None
-
-
 def engine(url: str, trials: int) -> dict:
     study = _study_spec(url, trials)
-    runner = Engine(study, WriteThroughStorage(open_rdb(url)), FreeBackend())
+    runner = Engine(study, WriteThroughStorage(open_rdb(url)), fake_trainer.InProcessBackend(epochs=STEPS))
     asks: list[float] = []
     ask = runner.study.ask
 

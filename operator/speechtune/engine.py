@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from speechtune import metrics, search, spec
-from speechtune.backend import Backend, Exit, TrialRun, build_launch
+from speechtune.backend import Backend, TrialRun, build_launch
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
 from speechtune.storage import WriteThroughStorage

@@ -13,6 +13,7 @@ flags it does not use. Fault flags (``--fail-at``, ``--nan-at``, ``--junk``,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -109,6 +110,39 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(10**6)
     report(final=True, wer=measure(params, known.epochs, known.shuffle_below_hours))
     return 0
+
+
+class InProcessRun:
+    """The fake trainer's protocol lines, computed in-process: a trainer that costs nothing."""
+
+    def __init__(self, params: dict, epochs: int):
+        self.params = {name: str(value) for name, value in params.items()}
+        self.epochs = epochs
+
+    async def lines(self):
+        for step in range(1, self.epochs + 1):
+            yield json.dumps({"speechtune": 1, "step": step, "wer": wer(self.params, step)}).encode()
+
+    async def wait(self):
+        from speechtune.backend import Exit
+
+        return Exit(succeeded=True, exit_code=0)
+
+    async def stop(self) -> None:
+        pass
+
+
+class InProcessBackend:
+    """A backend running the fake trainer in-process: for sampler statistics and overhead benchmarks."""
+
+    def __init__(self, epochs: int = 9):
+        self.epochs = epochs
+
+    async def launch(self, launch) -> InProcessRun:
+        return InProcessRun(dict(launch.params), self.epochs)
+
+    async def attach(self, study: str, number: int, attempt: str = "") -> None:
+        return None
 
 
 def _flag(arg: str) -> tuple[str, str]:

@@ -46,10 +46,10 @@ def build_sampler(sampler: spec.Sampler, space: tuple[spec.Param, ...]) -> BaseS
     elif sampler.type == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
     elif sampler.type == "gp":
-        try:
-            import torch  # noqa: F401  (Optuna's GPSampler needs it)
-        except ImportError:
-            raise RuntimeError("spec.sampler.type: gp needs torch, which is only in the [trainer] extra; use tpe") from None
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # Optuna's GPSampler needs it
+            raise RuntimeError("spec.sampler.type: gp needs torch, which is only in the [trainer] extra; use tpe")
         base = optuna.samplers.GPSampler(seed=seed, n_startup_trials=sampler.startup_trials)
     else:  # the spec validator only lets known types through
         raise ValueError(f"unknown sampler {sampler.type!r}")

@@ -2,24 +2,22 @@
 
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from speechtune import fake_trainer, spec
-from speechtune.backend import Exit
 from speechtune.engine import FAIL_REASON, INTERRUPTED, Engine
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
+from tests.support.studies import wait_for_trials
 
 FAKE = ("python", "-m", "speechtune.fake_trainer")
 
@@ -183,15 +181,7 @@ def test_sigkill_and_rerun_resumes_without_running_a_trial_number_twice(tmp_path
     command = [sys.executable, "-m", "speechtune.cli", "run", str(study_file), "--workdir", str(tmp_path / "logs")]
     runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage_url = f"sqlite:///{tmp_path}/killed.db"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            done = optuna.load_study(study_name="killed", storage=storage_url).get_trials(states=(TrialState.COMPLETE,))
-        except KeyError:
-            continue
-        if len(done) >= 4:
-            break
+    wait_for_trials(storage_url, "killed", lambda trials: sum(t.state == TrialState.COMPLETE for t in trials) >= 4)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     time.sleep(0.5)  # the trials die with their runner (PDEATHSIG)
@@ -214,37 +204,11 @@ def test_sigkill_and_rerun_resumes_without_running_a_trial_number_twice(tmp_path
     assert all(t.params == trials[t.user_attrs["requeued_from"]].params for t in requeued)
 
 
-class InstantRun:
-    """An in-process trial: the fake trainer's values without a subprocess (for statistics)."""
-
-    def __init__(self, params, epochs):
-        self.params = {name: str(value) for name, value in params.items()}
-        self.epochs = epochs
-
-    async def lines(self):
-        for step in range(1, self.epochs + 1):
-            yield json.dumps({"speechtune": 1, "step": step, "wer": fake_trainer.wer(self.params, step)}).encode()
-
-    async def wait(self):
-        return Exit(succeeded=True, exit_code=0)
-
-    async def stop(self):
-        pass
-
-
-class InstantBackend:
-    async def launch(self, launch):
-        return InstantRun(launch.params, epochs=3)
-
-    async def attach(self, study, number, attempt=""):
-        return None
-
-
 def best_of(sampler_type, seed, tmp_path):
     study = make_study(tmp_path / f"{sampler_type}{seed}", max_trials=40, parallelism=1,
                        sampler={"type": sampler_type, "seed": seed, "startupTrials": 10})
     (tmp_path / f"{sampler_type}{seed}").mkdir()
-    engine, outcome, _ = run_engine(study, tmp_path, backend=InstantBackend())
+    engine, outcome, _ = run_engine(study, tmp_path, backend=fake_trainer.InProcessBackend(epochs=3))
     assert outcome.state == "Succeeded"
     return engine.best_trial().value
 

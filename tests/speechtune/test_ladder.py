@@ -17,6 +17,7 @@ from speechtune import spec
 from speechtune.ladder import CORRELATIONS, LEVEL, VALIDATION, LadderEngine, chain_start, spearman
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
+from tests.support.studies import wait_for_trials
 
 LEVELS = [
     {"name": "low", "overrides": {"train_hours": 1, "num_layers": 3, "epochs": 1}},
@@ -163,15 +164,7 @@ def test_sigkill_mid_ladder_resumes_without_rerunning_a_finished_level(tmp_path)
     command = [sys.executable, "-m", "speechtune.cli", "run", str(study_file), "--workdir", str(tmp_path / "logs")]
     runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"sqlite:///{tmp_path}/killed.db"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            trials = optuna.load_study(study_name="killed", storage=url).trials
-        except KeyError:
-            continue
-        if sum(1 for t in trials if t.user_attrs.get(LEVEL) == 1) >= 2:
-            break
+    wait_for_trials(url, "killed", lambda trials: sum(t.user_attrs.get(LEVEL) == 1 for t in trials) >= 2)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     time.sleep(0.5)

@@ -176,10 +176,11 @@ async def apply_listing(backend: KubernetesJobBackend, kind: str, items: list[di
     """A fresh list replaces the view: what it lacks was deleted while the watch was away."""
     listed = {_number(item) for item in items}
     if kind == "pods":
+        names = {item["metadata"]["name"] for item in items}
         for number in list(backend.pods):
-            for name in list(backend.pods.get(number, {})):
-                if not any(item["metadata"]["name"] == name for item in items):
-                    apply("DELETED", backend.pods[number][name])
+            for name, pod in list(backend.pods.get(number, {}).items()):
+                if name not in names:
+                    apply("DELETED", pod)
     else:
         for number, job in list(backend.jobs.items()):
             if job is not None and number not in listed:

@@ -64,10 +64,10 @@ async def run_study(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_study(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Keep the Optuna study unless spec.storage.deleteOnStudyDeletion says otherwise."""
-    if not (body.get("spec") or {}).get("storage", {}).get("deleteOnStudyDeletion"):
-        return
     try:
-        study, _options = studyspec.parse(body)
+        study, options = studyspec.parse(body)
+        if not options.delete_on_study_deletion:
+            return
         url = await storage_url(memo.api, meta["namespace"], study.storage)
     except (spec.SpecError, StorageProblem) as error:
         logger.warning("not deleting the Optuna study: %s", error)

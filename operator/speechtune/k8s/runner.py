@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import optuna
 
 from speechtune import spec
@@ -113,7 +114,8 @@ class StudyRunner:
                 continue
             try:
                 await self._run_engine(study, options, storage, stopped)
-            except (StorageUnavailable, ApiError, optuna.exceptions.OptunaError) as error:
+            except (StorageUnavailable, ApiError, aiohttp.ClientError, asyncio.TimeoutError,
+                    optuna.exceptions.OptunaError) as error:
                 log.warning("study %s/%s: %s; retrying in %.0f s", self.namespace, self.name, error, RETRY_SECONDS)
                 await self._set_state("Pending", type(error).__name__, str(error)[:1000], generation)
                 await stopped.wait(RETRY_SECONDS)
@@ -145,21 +147,20 @@ class StudyRunner:
                         generation = self._generation()
                         engine.update_budget(**studyspec.budget(_snapshot(self.body)))
                     if not running.done():
-                        await self._sync(engine, backend, options, "Running", "Running", "trials are running", generation)
+                        await self._sync(engine, backend, "Running", "Running", "trials are running", generation)
                 outcome = running.result()
             finally:
                 if not running.done():
                     running.cancel()
                     await asyncio.gather(running, return_exceptions=True)
             reason = "Completed" if outcome.state == "Succeeded" else "TooManyFailures"
-            await self._sync(engine, backend, options, outcome.state, reason, outcome.message, generation)
+            await self._sync(engine, backend, outcome.state, reason, outcome.message, generation)
         finally:
             await backend.close()
         await self._until_changed(generation, stopped)  # done: a bigger budget starts it again
 
     # -- status -----------------------------------------------------------------------
-    async def _sync(self, engine: Engine, backend: KubernetesJobBackend, options: studyspec.ClusterOptions,
-                    state: str, reason: str, message: str, generation: int) -> None:
+    async def _sync(self, engine: Engine, backend: KubernetesJobBackend, state: str, reason: str, message: str, generation: int) -> None:
         began = time.perf_counter()
         direction = engine.spec.objective.direction
         trials = engine.trials()
@@ -181,7 +182,8 @@ class StudyRunner:
                 backend.trial_status[number] = desired
 
         await asyncio.gather(*(patch_trial(number, desired) for number, desired in patches))
-        for number in retention.to_delete([t for t in trials if t.number in backend.trial_uids], options.keep_trials, direction):
+        keep = studyspec.keep_trials(_snapshot(self.body))  # live: retention may change while the study runs
+        for number in retention.to_delete([t for t in trials if t.number in backend.trial_uids], keep, direction):
             await self.api.delete(path("speechtuningtrials", self.namespace, backend_trial_name(backend, number)))
             backend.trial_uids.pop(number, None)
             backend.trial_status.pop(number, None)

@@ -51,7 +51,6 @@ def trial_status(trial: FrozenTrial, direction: str) -> dict[str, Any]:
         status["reason"] = trial.user_attrs.get(FAIL_REASON, "Failed")
         status["message"] = trial.user_attrs.get("fail_message", "")
     elif trial.state == TrialState.PRUNED:
-        status["reason"] = "Pruned"
         status["message"] = f"pruned by the pruner at step {max(values)}" if values else "pruned by the pruner"
     return {key: value for key, value in status.items() if value is not None}
 

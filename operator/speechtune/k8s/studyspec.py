@@ -21,7 +21,6 @@ from speechtune.k8s.manifests import JobOptions
 class ClusterOptions:
     job: JobOptions
     pending_timeout_seconds: int = 600
-    keep_trials: int | None = None
     delete_on_study_deletion: bool = False
 
 
@@ -33,7 +32,7 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
     raw = copy.deepcopy(dict(body.get("spec") or {}))
     template = raw.get("trialTemplate") if isinstance(raw.get("trialTemplate"), dict) else {}
     storage = raw.get("storage") if isinstance(raw.get("storage"), dict) else {}
-    retention = raw.pop("retention", None) or {}
+    raw.pop("retention", None)  # read live by the runner: see keep_trials
     options = ClusterOptions(
         job=JobOptions(
             image=template.pop("image", None) or "",
@@ -41,7 +40,6 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
             ttl_seconds_after_finished=template.pop("ttlSecondsAfterFinished", 3600),
         ),
         pending_timeout_seconds=raw.pop("pendingTimeoutSeconds", 600),
-        keep_trials=retention.get("keepTrials"),
         delete_on_study_deletion=bool(storage.pop("deleteOnStudyDeletion", False)),
     )
     metadata = body.get("metadata") or {}
@@ -64,6 +62,10 @@ def budget(body: dict[str, Any]) -> dict[str, Any]:
     raw = body.get("spec") or {}
     return {"max_trials": raw.get("maxTrials"), "parallelism": raw.get("parallelism"),
             "max_failed_trials": raw.get("maxFailedTrials")}
+
+
+def keep_trials(body: dict[str, Any]) -> int | None:
+    return ((body.get("spec") or {}).get("retention") or {}).get("keepTrials")
 
 
 def without_budget(body: dict[str, Any]) -> dict[str, Any]:

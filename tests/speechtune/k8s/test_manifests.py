@@ -160,7 +160,7 @@ def test_trial_status_reads_like_a_leaderboard_row():
     assert {k: complete[k] for k in ("state", "lastStep", "value", "bestValue")} == \
         {"state": "Complete", "lastStep": 3, "value": 0.34, "bestValue": 0.3}
     pruned = status.trial_status(frozen(2, TrialState.PRUNED, {1: 0.9}), "minimize")
-    assert (pruned["state"], pruned["value"], pruned["reason"]) == ("Pruned", 0.9, "Pruned")
+    assert (pruned["state"], pruned["value"], pruned["message"]) == ("Pruned", 0.9, "pruned by the pruner at step 1")
     failed = status.trial_status(frozen(3, TrialState.FAIL, {}, fail_reason="OOMKilled", fail_message="ran out"), "maximize")
     assert (failed["state"], failed["reason"], failed["message"]) == ("Failed", "OOMKilled", "ran out")
     assert "value" not in failed and "lastStep" not in failed
@@ -191,7 +191,8 @@ def test_cluster_only_fields_are_split_from_the_engine_spec():
         "storage": {"secretRef": {"name": "db", "key": "url"}, "deleteOnStudyDeletion": True}}}
     study, options = studyspec.parse(body)
     assert (study.max_trials, study.storage.secret_name) == (3, "db")
-    assert options == studyspec.ClusterOptions(JobOptions("t:1", 1, 9), 30, 5, True)
+    assert options == studyspec.ClusterOptions(JobOptions("t:1", 1, 9), 30, True)
+    assert studyspec.keep_trials(body) == 5
     assert body["spec"]["trialTemplate"]["image"] == "t:1", "parse must not change the object"
 
 
