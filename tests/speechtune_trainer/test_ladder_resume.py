@@ -1,7 +1,6 @@
 """The fidelity ladder driving the real NeMo trainer: a promoted run resumes from its checkpoint."""
 
 import asyncio
-import json
 
 import pytest
 
