@@ -102,10 +102,14 @@ class Api:
                 return False
             raise
 
-    async def stream(self, path: str, params: dict) -> AsyncIterator[bytes]:
-        """The raw lines of a streaming GET (pod logs), until the server closes it."""
+    async def stream(self, path: str, params: dict, idle_timeout: float = 330) -> AsyncIterator[bytes]:
+        """The raw lines of a streaming GET (pod logs, watches), until the server closes it.
+
+        Silence longer than ``idle_timeout`` raises asyncio.TimeoutError: a
+        connection that died without a word must not hang its reader forever.
+        """
         async with self.session.get(self.server + path, params=_query(params),
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=idle_timeout)) as response:
             if response.status >= 300:
                 raise _error(response.status, await response.read())
             buffer = b""

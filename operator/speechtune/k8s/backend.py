@@ -10,7 +10,6 @@ a handler run again -- creates one Trial and one Job.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 import weakref
@@ -22,6 +21,7 @@ import aiohttp
 from speechtune.backend import Exit, TrialLaunch
 from speechtune.k8s import exits
 from speechtune.k8s.api import Api, ApiError, path
+from speechtune.k8s.logs import LogCursor
 from speechtune.k8s.manifests import (
     API_VERSION, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job, build_trial, trial_name,
 )
@@ -31,6 +31,7 @@ from speechtune.protocol import parse_line
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 5.0  # re-evaluate a waiting trial this often even without news (pending timeouts)
+LOG_IDLE_SECONDS = 120.0  # a silent log stream is reopened (resumed) after this long
 STOPPED = Exit(False, None, "Stopped", "stopped by the operator")
 
 
@@ -254,25 +255,18 @@ class KubernetesRun:
     async def _follow(self, pod: str) -> AsyncIterator[bytes]:
         """One pod's log, followed; after a drop, resumed from the last line's timestamp."""
         logs = path("pods", self.backend.namespace, pod, "log")
-        last, same = 0, 0  # the newest timestamp seen (ns), and how many lines carried it
+        cursor = LogCursor()
         while not self._stopped:
             current = self.backend.pods.get(self.number, {}).get(pod)
             finished = current is None or exits.terminated(current) is not None
-            params: dict[str, Any] = {"container": CONTAINER, "timestamps": True, "follow": not finished}
-            if last:
-                params["sinceTime"] = _rfc3339_seconds(last)
-            skip = same
+            params: dict[str, Any] = {"container": CONTAINER, "timestamps": True, "follow": not finished,
+                                      "sinceTime": cursor.since_time()}
             try:
-                async for raw in self.backend.api.stream(logs, params):
-                    stamp, text = _split_stamp(raw, last)
-                    if stamp < last:
-                        continue
-                    if stamp == last and skip:
-                        skip -= 1
-                        continue
-                    last, same = (stamp, same + 1) if stamp == last else (stamp, 1)
-                    self._remember(text)
-                    yield text
+                async for raw in self.backend.api.stream(logs, params, idle_timeout=LOG_IDLE_SECONDS):
+                    text = cursor.accept(raw)
+                    if text is not None:
+                        self._remember(text)
+                        yield text
             except ApiError as error:
                 if error.status in (400, 404) and finished:
                     return  # the pod (and its log) is gone
@@ -280,7 +274,7 @@ class KubernetesRun:
                 await asyncio.sleep(1)
                 continue
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                log.info("trial %s: log stream of %s dropped, resuming: %s", self.number, pod, error)
+                log.debug("trial %s: log stream of %s dropped or idle, resuming: %s", self.number, pod, error)
                 await asyncio.sleep(0.5)
                 continue
             if finished:
@@ -311,24 +305,3 @@ class KubernetesRun:
         await self.backend.api.delete(path("jobs", self.backend.namespace, self.name), propagation="Background")
         self.backend.forget(self.number)
 
-
-def _split_stamp(raw: bytes, fallback: int) -> tuple[int, bytes]:
-    """(nanoseconds since the epoch, line) from a `timestamps=true` log line."""
-    stamp, _, text = raw.partition(b" ")
-    try:
-        return _parse_nanos(stamp.decode()), text
-    except ValueError:
-        return fallback, raw
-
-
-def _parse_nanos(stamp: str) -> int:
-    """RFC 3339 with up to nanosecond precision (Python's datetime stops at microseconds)."""
-    if not stamp.endswith("Z"):
-        raise ValueError(stamp)
-    whole, _, fraction = stamp[:-1].partition(".")
-    seconds = datetime.datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc).timestamp()
-    return int(seconds) * 1_000_000_000 + int((fraction or "0").ljust(9, "0")[:9])
-
-
-def _rfc3339_seconds(nanos: int) -> str:
-    return datetime.datetime.fromtimestamp(nanos // 1_000_000_000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -11,7 +11,7 @@ import yaml
 
 from speechtune import spec
 from speechtune.k8s import studyspec
-from tests.speechtune.k8s.conftest import REPO, get_json, operator_running, wait_until
+from tests.speechtune.k8s.helpers import REPO, get_json, operator_running, wait_until
 
 pytestmark = pytest.mark.cluster
 EXAMPLE = yaml.safe_load((REPO / "examples" / "k8s" / "fake-study.yaml").read_text())

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from speechtune import spec
 from speechtune.backend import Exit, build_launch
 from speechtune.k8s import exits, retention, status, studyspec
-from speechtune.k8s.backend import _parse_nanos, _rfc3339_seconds, _split_stamp
+from speechtune.k8s.logs import LogCursor, parse_nanos, rfc3339_seconds, split_stamp
 from speechtune.k8s.manifests import JobOptions, Owner, build_job, build_trial, trial_name
 
 STUDY = Owner("speechtune.io/v1alpha1", "SpeechTuningStudy", "digits", "uid-study")
@@ -140,12 +140,28 @@ def test_unschedulable_names_the_timeout_field():
 
 
 def test_log_timestamps_keep_nanoseconds_and_resume_at_whole_seconds():
-    nanos = _parse_nanos("2026-11-26T14:30:01.123456789Z")
+    nanos = parse_nanos("2026-11-26T14:30:01.123456789Z")
     assert nanos % 1_000_000_000 == 123456789
-    assert _parse_nanos("2026-11-26T14:30:01.5Z") == nanos - 123456789 + 500_000_000
-    assert _rfc3339_seconds(nanos) == "2026-11-26T14:30:01Z"
-    assert _split_stamp(b"2026-11-26T14:30:01.5Z {\"speechtune\": 1}", 0) == (nanos - 123456789 + 500_000_000, b'{"speechtune": 1}')
-    assert _split_stamp(b"garbage", 42) == (42, b"garbage")
+    assert parse_nanos("2026-11-26T14:30:01.5Z") == nanos - 123456789 + 500_000_000
+    assert rfc3339_seconds(nanos) == "2026-11-26T14:30:01Z"
+    assert split_stamp(b"2026-11-26T14:30:01.5Z {\"speechtune\": 1}", 0) == (nanos - 123456789 + 500_000_000, b'{"speechtune": 1}')
+    assert split_stamp(b"garbage", 42) == (42, b"garbage")
+
+
+LOG = [b"2026-11-26T14:30:00.9Z epoch 0", b"2026-11-26T14:30:01.1Z epoch 1", b"2026-11-26T14:30:01.1Z same stamp",
+       b"2026-11-26T14:30:01.7Z epoch 2", b"2026-11-26T14:30:02.2Z epoch 3"]
+
+
+@pytest.mark.parametrize("dropped_after", range(1, len(LOG)))
+def test_a_resumed_log_passes_on_every_line_once(dropped_after):
+    cursor = LogCursor()
+    assert cursor.since_time() is None
+    seen = [cursor.accept(raw) for raw in LOG[:dropped_after]]
+    since = cursor.since_time()
+    # The API resumes from the whole second: it sends again what the cursor already passed on.
+    replay = [raw for raw in LOG if raw.split(b" ")[0].decode()[:19] + "Z" >= since]
+    seen += [cursor.accept(raw) for raw in replay]
+    assert [line for line in seen if line is not None] == [raw.split(b" ", 1)[1] for raw in LOG]
 
 
 def frozen(number: int, state: TrialState, values: dict[int, float], value: float | None = None, **attrs) -> optuna.trial.FrozenTrial:

@@ -10,8 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.speechtune.k8s.conftest import operator_running, wait_until
-from tests.speechtune.k8s.test_study import small_study, study_status
+from tests.speechtune.k8s.helpers import operator_running, small_study, study_status, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.trainer]
 

@@ -19,8 +19,7 @@ from optuna.trial import TrialState
 
 from speechtune import fake_trainer
 from speechtune.backend import format_value
-from tests.speechtune.k8s.conftest import REPO, get_json, wait_until
-from tests.speechtune.k8s.test_study import free_port, small_study, study_status
+from tests.speechtune.k8s.helpers import REPO, free_port, get_json, small_study, study_status, wait_until
 
 pytestmark = pytest.mark.cluster
 

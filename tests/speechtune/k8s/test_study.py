@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import socket
 import urllib.request
 
 import optuna
-import yaml
 import pytest
 from optuna.trial import TrialState
 
-from tests.speechtune.k8s.conftest import REPO, get_json, operator_running, wait_until
+from tests.speechtune.k8s.helpers import (
+    EXAMPLE, events, free_port, get_json, operator_running, small_study, study_status, wait_until,
+)
 
 pytestmark = pytest.mark.cluster
-EXAMPLE = REPO / "examples" / "k8s" / "fake-study.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def small_study(name: str, args: list[str], *, command=("python", "-m", "speechtune.fake_trainer"), **spec) -> dict:
-    body = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
-    body["metadata"] = {"name": name}
-    body["spec"].update({"maxTrials": 1, "parallelism": 1, "maxFailedTrials": 1, "pruner": {"type": "none"}, **spec})
-    body["spec"]["trialTemplate"].update(command=list(command), args=args)
-    return body
-
-
-def events(cluster, namespace: str, name: str) -> list[str]:
-    listing = get_json(cluster, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-    return [event["reason"] for event in listing["items"]]
-
-
-def study_status(cluster, namespace: str, name: str) -> dict:
-    return get_json(cluster, "speechtuningstudy", name, "-n", namespace).get("status") or {}
 
 
 def test_fake_study_reaches_succeeded_with_every_value_in_optuna(crds, kube_namespace, postgres_url, monkeypatch):
@@ -160,3 +135,17 @@ def test_budget_changes_apply_to_a_running_and_to_a_finished_study(crds, kube_na
     best_two = sorted(study.trials, key=lambda t: t.value)[:2]
     kept = get_json(cluster, "strial", "-n", kube_namespace)["items"]
     assert sorted(t["spec"]["number"] for t in kept) == sorted(t.number for t in best_two)
+
+
+def test_delete_on_study_deletion_removes_the_optuna_study(crds, kube_namespace, postgres_url, monkeypatch):
+    cluster = crds
+    body = small_study("tidy", ["--epochs", "2"])
+    body["spec"]["storage"] = {"deleteOnStudyDeletion": True}
+    with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
+        cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+        status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "tidy")).get("state") == "Succeeded" and s,
+                            timeout=60, what="the study to succeed")
+        optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
+        cluster.kubectl("delete", "stune", "tidy", "-n", kube_namespace, "--timeout=60s")
+    with pytest.raises(KeyError):
+        optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
