@@ -69,10 +69,11 @@ def wer(params: dict[str, str], step: int) -> float:
     return round(min(1.0, max(0.0, curve + noise)), 6)
 
 
-def measure(params: dict[str, str], step: int, shuffle_below_hours: float) -> float:
-    if float(params.get("train_hours", 10)) < shuffle_below_hours:
-        return round(0.3 + (zlib.crc32(repr(sorted(params.items())).encode()) % 1000) / 2000, 6)
-    return wer(params, step)
+def measure(params: dict[str, str], step: int, misleading_below_hours: float) -> float:
+    value = wer(params, step)
+    if float(params.get("train_hours", 10)) < misleading_below_hours:
+        return round(1.0 - value, 6)  # the best configurations look worst
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang", action="store_true", help="sleep forever after the first report")
     parser.add_argument("--no-metrics", action="store_true", help="exit 0 without reporting")
     parser.add_argument("--ledger", help="append this trial's number (and attempt) to a file at start (tests count runs)")
-    parser.add_argument("--shuffle-below-hours", type=float, default=0.0,
-                        help="below this train_hours, report WERs unrelated to the params: a proxy that cannot be trusted")
+    parser.add_argument("--misleading-below-hours", type=float, default=0.0,
+                        help="below this train_hours, rank configurations backwards: a proxy that cannot be trusted")
     known, rest = parser.parse_known_args(argv)
     params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
     if known.ledger:
@@ -104,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         if known.junk:
             _junk()
-        value = float("nan") if known.nan_at == epoch else measure(params, epoch, known.shuffle_below_hours)
+        value = float("nan") if known.nan_at == epoch else measure(params, epoch, known.misleading_below_hours)
         report(step=epoch, wer=value, cer=value / 2)
         if known.hang:
             time.sleep(10**6)
-    report(final=True, wer=measure(params, known.epochs, known.shuffle_below_hours))
+    report(final=True, wer=measure(params, known.epochs, known.misleading_below_hours))
     return 0
 
 

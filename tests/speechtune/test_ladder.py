@@ -113,17 +113,17 @@ def test_asynchronous_ladder_promotes_before_the_first_rung_completes(tmp_path):
     assert backend.peak <= 4
 
 
-def test_correlation_is_published_and_a_shuffled_proxy_raises_proxy_unreliable(tmp_path):
-    good, _, outcome, events = run_ladder(tmp_path, ladder_manifest(tmp_path, name="good", initial=16, eta=2, levels=LEVELS[:2]))
+def test_correlation_is_published_and_a_misleading_proxy_raises_proxy_unreliable(tmp_path):
+    good, _, outcome, events = run_ladder(tmp_path, ladder_manifest(tmp_path, name="good", initial=32, eta=2, levels=LEVELS[:2]))
     assert outcome.state == "Succeeded"
     found = good.study.user_attrs[CORRELATIONS]["low->medium"]
-    assert found["pairs"] == 8 and found["rho"] > 0.5 and not found["unreliable"]
+    assert found["pairs"] == 16 and found["rho"] > 0.5 and not found["unreliable"]
     assert not any(e.kind == "proxy-unreliable" for e in events)
 
-    shuffled, _, outcome, events = run_ladder(
-        tmp_path, ladder_manifest(tmp_path, name="shuffled", initial=16, eta=2, levels=LEVELS[:2], args=("--shuffle-below-hours", "5")),
+    misleading, _, outcome, events = run_ladder(
+        tmp_path, ladder_manifest(tmp_path, name="misleading", initial=32, eta=2, levels=LEVELS[:2], args=("--misleading-below-hours", "5")),
     )
-    found = shuffled.study.user_attrs[CORRELATIONS]["low->medium"]
+    found = misleading.study.user_attrs[CORRELATIONS]["low->medium"]
     assert found["unreliable"] and found["rho"] < 0.5
     assert any(e.kind == "proxy-unreliable" for e in events)
 
