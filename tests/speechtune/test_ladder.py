@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from speechtune import spec
-from speechtune.ladder import CORRELATIONS, LEVEL, VALIDATION, LadderEngine, chain_start, spearman
+from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine, chain_start, spearman
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 from tests.support.studies import wait_for_trials
@@ -164,7 +164,8 @@ def test_sigkill_mid_ladder_resumes_without_rerunning_a_finished_level(tmp_path)
     command = [sys.executable, "-m", "speechtune.cli", "run", str(study_file), "--workdir", str(tmp_path / "logs")]
     runner = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"sqlite:///{tmp_path}/killed.db"
-    wait_for_trials(url, "killed", lambda trials: sum(t.user_attrs.get(LEVEL) == 1 for t in trials) >= 2)
+    # kill once a promoted (level 1) run has started: finished level-0 runs exist, a level-1 run is mid-way
+    wait_for_trials(url, "killed", lambda trials: ledger.exists() and " L1-" in ledger.read_text())
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     time.sleep(0.5)

@@ -35,9 +35,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     memo.api = Api.from_environment()
     port = os.environ.get(METRICS_PORT_ENV)
-    if port and not memo.get("metrics_served"):
+    if port:
         metrics.serve(int(port))
-        memo.metrics_served = True
         logger.info("Prometheus metrics on :%s/metrics", port)
 
 

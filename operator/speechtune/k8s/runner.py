@@ -105,6 +105,8 @@ class StudyRunner:
                 await self._set_state("Failed", "InvalidSpec", str(error).replace("\n", "; "), generation)
                 await self._until_changed(generation, stopped)
                 continue
+            if not (self.body.get("status") or {}).get("state"):
+                await self._set_state("Pending", "Starting", "opening the study's storage", generation)
             try:
                 url = await storage_url(self.api, self.namespace, study.storage)
                 storage = await asyncio.to_thread(lambda: WriteThroughStorage(open_rdb(url)))

@@ -12,7 +12,9 @@ import sys
 import pytest
 import yaml
 
-from tests.speechtune.k8s.helpers import REPO, free_port, get_json, small_study, study_status, wait_until
+from tests.speechtune.k8s.helpers import (
+    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -49,12 +51,13 @@ def test_operator_with_its_own_rbac_runs_a_study_from_a_secret_url_under_restric
     try:
         status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "secretive")).get("state") in
                             ("Succeeded", "Failed") and s, timeout=90, what="the study to finish")
+        pods = get_json(cluster, "pods", "-n", kube_namespace, "-l", "speechtune.io/study=secretive")["items"]
     finally:
+        delete_studies(cluster, kube_namespace)
         operator.send_signal(signal.SIGTERM)
         operator.wait(timeout=30)
     assert status["state"] == "Succeeded", (status, log.read_text()[-3000:])
     assert "forbidden" not in log.read_text().lower(), log.read_text()[-3000:]
-    pods = get_json(cluster, "pods", "-n", kube_namespace, "-l", "speechtune.io/study=secretive")["items"]
     assert len(pods) == 3
     for pod in pods:
         env_text = json.dumps(pod["spec"]["containers"][0].get("env", []))

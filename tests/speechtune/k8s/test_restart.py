@@ -19,7 +19,9 @@ from optuna.trial import TrialState
 
 from speechtune import fake_trainer
 from speechtune.backend import format_value
-from tests.speechtune.k8s.helpers import REPO, free_port, get_json, small_study, study_status, wait_until
+from tests.speechtune.k8s.helpers import (
+    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +54,9 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
             operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
         status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "survivor")).get("state") in
                             ("Succeeded", "Failed") and s, timeout=180, what="the study to finish")
+        jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=survivor")["items"]
     finally:
+        delete_studies(cluster, kube_namespace)
         operator.send_signal(signal.SIGTERM)
         try:
             operator.wait(timeout=20)
@@ -65,7 +69,6 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
     runs = collections.Counter(int(line) for line in ledger.read_text().split())
     assert not [number for number, count in runs.items() if count > 1], f"trial numbers that ran twice: {runs}"
     assert set(runs) == {t.number for t in trials if t.state != TrialState.FAIL}
-    jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=survivor")["items"]
     assert {job["metadata"]["name"] for job in jobs} <= {f"survivor-{number}" for number in runs}  # pruned: deleted
     for trial in trials:
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):

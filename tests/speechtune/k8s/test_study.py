@@ -95,11 +95,12 @@ def test_failures_are_classified_in_the_trial_status_and_fail_the_study(crds, ku
         for name, *_ in FAILURES:
             wait_until(lambda: study_status(cluster, kube_namespace, name).get("state") in ("Succeeded", "Failed"),
                        timeout=60, what=f"study {name} to end")
+        statuses = {name: study_status(cluster, kube_namespace, name) for name, *_ in FAILURES}
+        trials = {name: get_json(cluster, "strial", f"{name}-0", "-n", kube_namespace)["status"] for name, *_ in FAILURES}
     for name, _, _, _, reason, words in FAILURES:
-        status = study_status(cluster, kube_namespace, name)
+        status, trial = statuses[name], trials[name]
         failed = next(c for c in status["conditions"] if c["type"] == "Failed")
         assert (status["state"], failed["reason"]) == ("Failed", "TooManyFailures"), (name, status)
-        trial = get_json(cluster, "speechtuningtrials", f"{name}-0", "-n", kube_namespace)["status"]
         assert trial["state"] == "Failed" and trial["reason"] == reason, (name, trial)
         assert words in trial["message"], (name, trial)
         assert "TrialFailed" in events(cluster, kube_namespace, name)
@@ -129,11 +130,12 @@ def test_budget_changes_apply_to_a_running_and_to_a_finished_study(crds, kube_na
         status = wait_until(lambda: finished(6), 60, "a 6th trial after the study had succeeded")
         wait_until(lambda: len(get_json(cluster, "strial", "-n", kube_namespace)["items"]) == 2, 30,
                    "retention to keep 2 Trial objects")
-    assert status["observedGeneration"] == get_json(cluster, "stune", "growing", "-n", kube_namespace)["metadata"]["generation"]
+        kept = get_json(cluster, "strial", "-n", kube_namespace)["items"]
+        generation = get_json(cluster, "stune", "growing", "-n", kube_namespace)["metadata"]["generation"]
+    assert status["observedGeneration"] == generation
     study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
     assert len(study.trials) == 6
     best_two = sorted(study.trials, key=lambda t: t.value)[:2]
-    kept = get_json(cluster, "strial", "-n", kube_namespace)["items"]
     assert sorted(t["spec"]["number"] for t in kept) == sorted(t.number for t in best_two)
 
 

@@ -1,0 +1,78 @@
+"""Helpers for the operator's cluster tests: the operator in-process, study manifests, polling."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "examples" / "k8s" / "fake-study.yaml"
+
+
+@contextlib.contextmanager
+def operator_running(cluster, namespace: str, storage_url: str, monkeypatch, extra_env: dict | None = None):
+    """The operator in this process (kopf's KopfRunner), watching one namespace."""
+    from kopf.testing import KopfRunner
+
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
+    monkeypatch.setenv("SPEECHTUNE_STORAGE_URL", storage_url)
+    for name, value in (extra_env or {}).items():
+        monkeypatch.setenv(name, value)
+    with KopfRunner(["run", "--standalone", "-n", namespace, "-m", "speechtune.k8s.handlers"], timeout=60) as runner:
+        try:
+            yield runner
+        finally:
+            delete_studies(cluster, namespace)
+    assert runner.exception is None, runner.output
+
+
+def delete_studies(cluster, namespace: str) -> None:
+    """Delete the namespace's studies while the operator runs: it holds their finalizer, and without
+    it running the namespace could never be deleted."""
+    cluster.kubectl("delete", "speechtuningstudies", "--all", "-n", namespace, "--timeout=60s")
+
+
+def small_study(name: str, args: list[str], *, command=("python", "-m", "speechtune.fake_trainer"), **spec) -> dict:
+    """The example study, renamed, one trial at a time unless ``spec`` says otherwise."""
+    body = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    body["metadata"] = {"name": name}
+    body["spec"].update({"maxTrials": 1, "parallelism": 1, "maxFailedTrials": 1, "pruner": {"type": "none"}, **spec})
+    body["spec"]["trialTemplate"].update(command=list(command), args=args)
+    return body
+
+
+def get_json(cluster, *args: str) -> dict:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def study_status(cluster, namespace: str, name: str) -> dict:
+    return get_json(cluster, "speechtuningstudy", name, "-n", namespace).get("status") or {}
+
+
+def events(cluster, namespace: str, name: str) -> list[str]:
+    listing = get_json(cluster, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return [event["reason"] for event in listing["items"]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
