@@ -108,8 +108,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     else:
         engine = Engine(study, storage, backend, notify=display.event)
     display.engine = engine
-    console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, "
-                  f"{study.max_trials} trials, {study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
+    budget = (f"ladder {' -> '.join(map(str, study.fidelity.rung_sizes()))} over {len(study.fidelity.levels)} levels"
+              if study.fidelity else f"{study.max_trials} trials")
+    console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, {budget}, "
+                  f"{study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
     with Live(display, console=console, refresh_per_second=4, transient=True):
         outcome = asyncio.run(engine.run())
     console.print(leaderboard.table(engine.study, study.objective.metric, args.top))

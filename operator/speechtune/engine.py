@@ -114,6 +114,8 @@ class Engine:
             self.budget,
             **{k: v for k, v in dict(max_trials=max_trials, parallelism=parallelism, max_failed_trials=max_failed_trials).items() if v is not None},
         )
+        if self.spec.sampler.type == "grid":  # the grid sampler would revisit points past its size
+            self.budget.max_trials = min(self.budget.max_trials, search.grid_size(self.spec.search_space))
         self._wake.set()
 
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
@@ -142,8 +144,11 @@ class Engine:
             if not self._running:
                 break
             woken = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
+            for task in done:  # a trial task that raised (e.g. StorageUnavailable) stops the study
+                if task is not woken and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
         if not self._failed_message:
             await self._finish()
         counts = self.counts()
@@ -182,6 +187,7 @@ class Engine:
             run = await self.backend.launch(launch)
         except LaunchError as exc:
             self._record_failure(trial.number, trial._trial_id, "LaunchError", str(exc))
+            self._finish_metrics("FAIL", time.time())
             return
         self._notify(Event("started", trial.number, _describe(trial.params)))
         self._follow(trial, run)
@@ -280,9 +286,8 @@ class Engine:
             metrics.BEST_VALUE.labels(**self.labels, metric=self._objective).set(best.value)
 
 
-def trial_last_step(trial: optuna.Trial | FrozenTrial) -> int | None:
-    frozen = trial if isinstance(trial, FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
-    return frozen.last_step
+def trial_last_step(trial: optuna.Trial) -> int | None:
+    return trial.study._storage.get_trial(trial._trial_id).last_step
 
 
 def _last_value(trial: optuna.Trial) -> float | None:

@@ -39,7 +39,6 @@ OPTIMA: dict[str, tuple[float, float, bool]] = {
     "y": (-0.2, 0.5, False),
 }
 CATEGORICAL_PENALTY = {"lstm": 0.4, "gru": 0.5, "transformer": 0.15, "conformer": 0.0}
-FIDELITY = ("train_hours", "epochs", "steps")
 
 
 def penalty(params: dict[str, str]) -> float:

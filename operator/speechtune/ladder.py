@@ -206,6 +206,7 @@ class LadderEngine(Engine):
             run = await self.backend.launch(launch)
         except LaunchError as exc:
             self._record_failure(trial.number, trial._trial_id, "LaunchError", str(exc))
+            self._finish_metrics("FAIL", time.time())
             return
         self._notify(Event("started", trial.number, f"level {self.fidelity.levels[level].name}"))
         self._follow(trial, run, self._supervise_level(trial, run, level))
@@ -226,7 +227,7 @@ class LadderEngine(Engine):
             if self._failed_message:
                 failure = TrialFailed("StudyFailed", "stopped because the study failed")
             self._record_failure(trial.number, trial._trial_id, failure.reason, f"at level {name}: {failure}")
-            self._finish_metrics("FAIL", time.time())
+            self._finish_metrics("FAIL", self.storage.get_trial(trial._trial_id).datetime_start.timestamp())
             return
         assert result.value is not None
         with self.storage.batch():
@@ -298,10 +299,16 @@ class LadderEngine(Engine):
         launch = build_launch(self.study_name, best.number, self.spec.trial_template, best.params, overrides=overrides, attempt=f"seed{seed}")
         try:
             run = await self.backend.launch(launch)
-            return (await follow_output(run, self._objective, lambda step, value: False, self.labels)).value
-        except (LaunchError, TrialFailed) as failure:
+        except LaunchError as failure:
             self._notify(Event("failed", best.number, f"validation seed {seed}: {failure}"))
             return None
+        try:
+            return (await follow_output(run, self._objective, lambda step, value: False, self.labels)).value
+        except TrialFailed as failure:
+            self._notify(Event("failed", best.number, f"validation seed {seed}: {failure}"))
+            return None
+        finally:
+            await run.stop()
 
 
 def _std(values: list[float]) -> float:

@@ -26,11 +26,20 @@ class LaunchError(RuntimeError):
     """The trial's command could not be started at all (e.g. not found)."""
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: orphans possible, recovery still correct
-        pass
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not dlopen
+except OSError:  # not Linux: orphans possible, recovery still correct
+    _LIBC = None
+
+
+def _die_with(parent: int):
+    def prepare_child() -> None:
+        if _LIBC is not None and hasattr(_LIBC, "prctl"):
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the runner died before prctl took effect
+            os._exit(1)
+
+    return prepare_child
 
 
 async def split_lines(read: "asyncio.StreamReader", on_chunk=None) -> AsyncIterator[bytes]:
@@ -121,6 +130,7 @@ class LocalProcessBackend:
 
     async def launch(self, launch: TrialLaunch) -> LocalRun:
         key = (launch.study, launch.number, launch.attempt)
+        self._runs = {k: run for k, run in self._runs.items() if run.process.returncode is None}
         if key in self._runs:
             return self._runs[key]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +143,7 @@ class LocalProcessBackend:
             try:
                 process = await asyncio.create_subprocess_exec(
                     *launch.argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, stdin=asyncio.subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()),
                 )
             except OSError as exc:
                 raise LaunchError(f"cannot start trial {launch.number}: {launch.argv[0]}: {exc.strerror}") from exc
@@ -142,4 +152,5 @@ class LocalProcessBackend:
         return run
 
     async def attach(self, study: str, number: int, attempt: str = "") -> LocalRun | None:
-        return self._runs.get((study, number, attempt))
+        run = self._runs.get((study, number, attempt))
+        return run if run is not None and run.process.returncode is None else None

@@ -154,7 +154,8 @@ class BoundedHistorySampler(BaseSampler):
         pick = heapq.nlargest if direction == StudyDirection.MAXIMIZE else heapq.nsmallest
         best = pick(self.elite, complete, key=lambda t: t.values[0])
         chosen = {t.number for t in best}
-        recent = [t for t in finished[-(self.window - len(best)) :] if t.number not in chosen]
+        keep = max(0, self.window - len(best))
+        recent = [t for t in finished[len(finished) - keep :] if t.number not in chosen]
         return sorted(best + recent, key=lambda t: t.number) + unfinished
 
 
