@@ -113,16 +113,17 @@ class _HyperbandPruner(optuna.pruners.HyperbandPruner):
 class BoundedHistorySampler(BaseSampler):
     """Gives a history-based sampler a bounded view of the study.
 
-    Below ``window`` finished trials this is exactly the wrapped sampler. Above
-    it, the sampler sees every unfinished trial, the ``elite`` best complete
-    trials and the most recent finished ones, so its cost stops growing with
-    the study while it still knows the best region found so far.
+    Below ``window`` trials this is exactly the wrapped sampler. Above it, the
+    sampler sees the most recent trials (finished ones and those still running)
+    and the ``elite`` best complete trials, so its cost stops growing with the
+    study while it still knows the best region found so far.
     """
 
     def __init__(self, base: BaseSampler, window: int = HISTORY_WINDOW, elite: int = HISTORY_ELITE):
         self.base = base
         self.window = window
         self.elite = elite
+        self._elite: dict[int, FrozenTrial] = {}  # the best complete trials seen so far, by number
 
     def _view(self, study: optuna.Study) -> Any:
         return _HistoryView(study, self)
@@ -146,17 +147,34 @@ class BoundedHistorySampler(BaseSampler):
         self.base.reseed_rng()
 
     def select(self, trials: list[FrozenTrial], direction: StudyDirection) -> list[FrozenTrial]:
-        finished = [t for t in trials if t.state.is_finished()]
-        if len(finished) <= self.window:
+        """The window: recent trials from the end of the list, plus the best complete ones seen.
+
+        Only the tail is scanned, so the cost does not grow with the study. The elite is kept
+        across calls from the complete trials that passed through the tail; a trial that
+        finishes long after newer ones has left the tail may be missed, which only makes the
+        window a little more recent.
+        """
+        if len(trials) <= self.window:
             return trials
-        unfinished = [t for t in trials if not t.state.is_finished()]
-        complete = [t for t in finished if t.state == TrialState.COMPLETE]
-        pick = heapq.nlargest if direction == StudyDirection.MAXIMIZE else heapq.nsmallest
-        best = pick(self.elite, complete, key=lambda t: t.values[0])
-        chosen = {t.number for t in best}
-        keep = max(0, self.window - len(best))
-        recent = [t for t in finished[len(finished) - keep :] if t.number not in chosen]
-        return sorted(best + recent, key=lambda t: t.number) + unfinished
+        keep = max(0, self.window - self.elite)
+        recent: list[FrozenTrial] = []
+        unfinished: list[FrozenTrial] = []
+        for trial in reversed(trials):
+            if not trial.state.is_finished():
+                unfinished.append(trial)
+            elif len(recent) < keep:
+                recent.append(trial)
+            else:
+                break
+        for trial in recent:
+            if trial.state == TrialState.COMPLETE:
+                self._elite[trial.number] = trial
+        if len(self._elite) > self.elite:
+            pick = heapq.nlargest if direction == StudyDirection.MAXIMIZE else heapq.nsmallest
+            self._elite = {t.number: t for t in pick(self.elite, self._elite.values(), key=lambda t: t.values[0])}
+        chosen = {t.number for t in recent}
+        best = [t for t in self._elite.values() if t.number not in chosen]
+        return sorted(best + recent, key=lambda t: t.number) + unfinished[::-1]
 
 
 class _HistoryView:
