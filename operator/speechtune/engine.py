@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from speechtune import metrics, search, spec
-from speechtune.backend import Backend, TrialRun, build_launch
+from speechtune.backend import Backend, TrialLaunch, TrialRun, build_launch
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
 from speechtune.storage import WriteThroughStorage
@@ -183,14 +183,19 @@ class Engine:
             trial.set_user_attr("launched_at", time.time())
         metrics.SUGGEST_SECONDS.labels(**self.labels).observe(time.perf_counter() - began)
         launch = build_launch(self.study_name, trial.number, self.spec.trial_template, trial.params)
+        await self._launch(trial, launch, _describe(trial.params))
+
+    async def _launch(self, trial: optuna.Trial, launch: TrialLaunch, description: str,
+                      supervise: Callable[[TrialRun], Coroutine[Any, Any, None]] | None = None) -> None:
+        """Start one run of a trial and follow it; a command that cannot start fails the trial."""
         try:
             run = await self.backend.launch(launch)
         except LaunchError as exc:
             self._record_failure(trial.number, trial._trial_id, "LaunchError", str(exc))
             self._finish_metrics("FAIL", time.time())
             return
-        self._notify(Event("started", trial.number, _describe(trial.params)))
-        self._follow(trial, run)
+        self._notify(Event("started", trial.number, description))
+        self._follow(trial, run, supervise(run) if supervise else None)
 
     def _follow(self, trial: optuna.Trial, run: TrialRun, work: Coroutine[Any, Any, None] | None = None) -> None:
         """Supervise a running trial in its own task (``work`` defaults to the plain trial loop)."""

@@ -202,14 +202,8 @@ class LadderEngine(Engine):
         attempt = f"L{level}-{self.fidelity.levels[level].name}"
         launch = build_launch(self.study_name, trial.number, self.spec.trial_template, trial.params,
                               overrides=self._overrides(trial.number, level), attempt=attempt)
-        try:
-            run = await self.backend.launch(launch)
-        except LaunchError as exc:
-            self._record_failure(trial.number, trial._trial_id, "LaunchError", str(exc))
-            self._finish_metrics("FAIL", time.time())
-            return
-        self._notify(Event("started", trial.number, f"level {self.fidelity.levels[level].name}"))
-        self._follow(trial, run, self._supervise_level(trial, run, level))
+        await self._launch(trial, launch, f"level {self.fidelity.levels[level].name}",
+                           lambda run: self._supervise_level(trial, run, level))
 
     def _overrides(self, number: int, level: int) -> dict[str, Any]:
         overrides = dict(self.fidelity.levels[level].overrides)
