@@ -76,3 +76,12 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_for_study_end(cluster, namespace: str, name: str, timeout: float) -> dict:
+    """The study's status once it is Succeeded or Failed."""
+    def ended() -> dict:
+        status = study_status(cluster, namespace, name)
+        return status if status.get("state") in ("Succeeded", "Failed") else {}
+
+    return wait_until(ended, timeout=timeout, what=f"study {name} to finish")

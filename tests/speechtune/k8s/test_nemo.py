@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.speechtune.k8s.helpers import operator_running, small_study, study_status, wait_until
+from tests.speechtune.k8s.helpers import operator_running, small_study, wait_for_study_end
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.trainer]
 
@@ -28,8 +28,7 @@ def test_nemo_trainer_study_succeeds_on_the_cluster(crds, kube_namespace, postgr
                                     {"name": "d_model", "categorical": [48, 64]}])
     with operator_running(cluster, kube_namespace, postgres_url, monkeypatch):
         cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
-        status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "nemo-digits")).get("state") in
-                            ("Succeeded", "Failed") and s, timeout=300, what="the NeMo study to finish")
+        status = wait_for_study_end(cluster, kube_namespace, "nemo-digits", timeout=300)
     assert status["state"] == "Succeeded", status
     trials = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs for t in trials]

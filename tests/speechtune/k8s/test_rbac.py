@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.speechtune.k8s.helpers import (
-    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_until,
+    REPO, delete_studies, free_port, get_json, small_study, wait_for_study_end,
 )
 
 pytestmark = pytest.mark.cluster
@@ -49,8 +49,7 @@ def test_operator_with_its_own_rbac_runs_a_study_from_a_secret_url_under_restric
                                 env=dict(env, SPEECHTUNE_METRICS_PORT=str(free_port())), cwd=REPO,
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
-        status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "secretive")).get("state") in
-                            ("Succeeded", "Failed") and s, timeout=90, what="the study to finish")
+        status = wait_for_study_end(cluster, kube_namespace, "secretive", timeout=90)
         pods = get_json(cluster, "pods", "-n", kube_namespace, "-l", "speechtune.io/study=secretive")["items"]
     finally:
         delete_studies(cluster, kube_namespace)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from speechtune import fake_trainer
 from speechtune.backend import format_value
 from tests.speechtune.k8s.helpers import (
-    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_until,
+    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_for_study_end, wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -52,8 +52,7 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
             os.kill(operator.pid, signal.SIGKILL)
             operator.wait()
             operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-        status = wait_until(lambda: (s := study_status(cluster, kube_namespace, "survivor")).get("state") in
-                            ("Succeeded", "Failed") and s, timeout=180, what="the study to finish")
+        status = wait_for_study_end(cluster, kube_namespace, "survivor", timeout=180)
         jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=survivor")["items"]
     finally:
         delete_studies(cluster, kube_namespace)

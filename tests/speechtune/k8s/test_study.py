@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.speechtune.k8s.helpers import (
-    EXAMPLE, events, free_port, get_json, operator_running, small_study, study_status, wait_until,
+    EXAMPLE, events, free_port, get_json, operator_running, small_study, study_status, wait_for_study_end, wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -21,9 +21,7 @@ def test_fake_study_reaches_succeeded_with_every_value_in_optuna(crds, kube_name
     port = free_port()
     with operator_running(cluster, kube_namespace, postgres_url, monkeypatch, {"SPEECHTUNE_METRICS_PORT": str(port)}):
         cluster.kubectl("apply", "-n", kube_namespace, "-f", str(EXAMPLE))
-        status = wait_until(
-            lambda: (s := study_status(cluster, kube_namespace, "fake-digits")).get("state") in ("Succeeded", "Failed") and s,
-            timeout=180, what="the study to finish")
+        status = wait_for_study_end(cluster, kube_namespace, "fake-digits", timeout=180)
         trials_table = cluster.kubectl("get", "speechtuningtrials", "-n", kube_namespace,
                                        "-l", "speechtune.io/study=fake-digits").stdout
         exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
