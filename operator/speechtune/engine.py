@@ -217,7 +217,7 @@ class Engine:
                 self._follow(optuna.Trial(self.study, frozen._trial_id), run)
                 continue
             self._record_failure(frozen.number, frozen._trial_id, INTERRUPTED, "the runner stopped while this trial was running")
-            if len(self.trials()) < self.budget.max_trials:
+            if sum(self.counts().values()) < self.budget.max_trials:
                 self.study.enqueue_trial(frozen.params, user_attrs={REQUEUED_FROM: frozen.number}, skip_if_exists=False)
 
     async def _supervise(self, trial: optuna.Trial, run: TrialRun) -> None:
@@ -236,7 +236,8 @@ class Engine:
             self.study.tell(trial, value, state=state)
         if state == TrialState.PRUNED:
             metrics.PRUNED.labels(**self.labels).inc()
-            self._notify(Event("pruned", trial.number, f"pruned at step {trial_last_step(trial)}", _last_value(trial)))
+            frozen = self.storage.get_trial(trial._trial_id)  # told PRUNED: its value is the last reported one
+            self._notify(Event("pruned", trial.number, f"pruned at step {frozen.last_step}", frozen.value))
         else:
             self._notify(Event("completed", trial.number, f"{self._objective}={value:.4g}", value))
             self._publish_best()
@@ -289,15 +290,6 @@ class Engine:
         best = self.best_trial()
         if best is not None:
             metrics.BEST_VALUE.labels(**self.labels, metric=self._objective).set(best.value)
-
-
-def trial_last_step(trial: optuna.Trial) -> int | None:
-    return trial.study._storage.get_trial(trial._trial_id).last_step
-
-
-def _last_value(trial: optuna.Trial) -> float | None:
-    frozen = trial.study._storage.get_trial(trial._trial_id)
-    return frozen.intermediate_values.get(frozen.last_step) if frozen.last_step is not None else None
 
 
 def _describe(params: dict[str, Any]) -> str:
