@@ -1,6 +1,6 @@
 # The speechtune operator image: the engine, the kopf handlers and the PostgreSQL driver; no torch, no NeMo.
 # Build from the repository root:  docker build -t speechtune-operator .
-# Run it with examples/k8s/operator.yaml (ServiceAccount, RBAC, Deployment); see docs/operator.md.
+# Install it with the Helm chart: helm install speechtune charts/speechtune (README, docs/operator.md).
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \

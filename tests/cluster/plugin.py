@@ -50,7 +50,8 @@ class KubeCluster:
         return proc
 
 
-def _tools_env() -> dict[str, str]:
+def tools_env() -> dict[str, str]:
+    """The environment with real kubectl and helm (tests/cluster/tools) first on PATH."""
     tools_bin = subprocess.run([CLUSTER_DIR / "tools"], check=True, capture_output=True, text=True).stdout.strip()
     return dict(os.environ, PATH=f"{tools_bin}{os.pathsep}{os.environ.get('PATH', '')}")
 
@@ -72,7 +73,7 @@ def _parse_exports(text: str, env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def kube_cluster():
-    env = _tools_env()
+    env = tools_env()
     if env.get("KUBECONFIG") and _reachable(env):
         yield KubeCluster(env["KUBECONFIG"], env)
         return

@@ -1,4 +1,4 @@
-"""Fixtures for the operator's cluster tests: the CRDs installed and a real PostgreSQL."""
+"""Fixtures shared by the cluster tests: the CRDs installed and a real PostgreSQL."""
 
 from __future__ import annotations
 

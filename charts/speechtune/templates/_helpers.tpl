@@ -1,0 +1,83 @@
+{{/* The release's base name, at most 63 characters (a DNS label). */}}
+{{- define "speechtune.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "speechtune.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "speechtune.labels" -}}
+{{ include "speechtune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* The Secret (name and key) holding the default storage URL, or nothing. */}}
+{{- define "speechtune.storageSecretName" -}}
+{{- if .Values.storage.existingSecret.name -}}
+{{- .Values.storage.existingSecret.name -}}
+{{- else if .Values.postgresql.enabled -}}
+{{- include "speechtune.fullname" . }}-postgresql
+{{- end -}}
+{{- end -}}
+
+{{- define "speechtune.storageSecretKey" -}}
+{{- if .Values.storage.existingSecret.name -}}
+{{- .Values.storage.existingSecret.key -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{/*
+The operator's permissions in a namespace it watches: exactly the calls it makes.
+Shared by the per-namespace Roles and the cluster-wide ClusterRole.
+*/}}
+{{- define "speechtune.operatorRules" -}}
+# Studies: kopf watches them, holds its finalizer on them and records its progress on them.
+- apiGroups: [speechtune.io]
+  resources: [speechtuningstudies]
+  verbs: [get, list, watch, patch]
+# The study's status: counts, best trial, conditions.
+- apiGroups: [speechtune.io]
+  resources: [speechtuningstudies/status]
+  verbs: [patch]
+# Trials carry ownerReferences with blockOwnerDeletion to their study, Jobs to their Trial:
+# the OwnerReferencesPermissionEnforcement admission plugin requires update on the owner's finalizers.
+- apiGroups: [speechtune.io]
+  resources: [speechtuningstudies/finalizers, speechtuningtrials/finalizers]
+  verbs: [update]
+# One SpeechTuningTrial per trial: listed on (re)start, created, pruned by spec.retention.keepTrials.
+- apiGroups: [speechtune.io]
+  resources: [speechtuningtrials]
+  verbs: [get, list, create, delete]
+- apiGroups: [speechtune.io]
+  resources: [speechtuningtrials/status]
+  verbs: [patch]
+# One Job per trial, watched for its end and deleted when the trial is pruned.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+# Trial pods: watched for phase and exit code; their logs carry the metrics.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+# spec.storage.secretRef: a study's own database URL.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# Events on studies: trial started, pruned, promoted, failed, study finished.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

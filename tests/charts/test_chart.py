@@ -1,0 +1,279 @@
+"""charts/speechtune: what helm lint and helm template say, what the real API server accepts, and
+that the operator runs a study with exactly the RBAC the chart grants, no rule more."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from tests.charts.helm import CHART, CI_VALUES, REPO, helm, operator_process, render, servicemonitor_crd, token_kubeconfig
+from tests.speechtune.k8s.helpers import free_port, get_json, small_study, study_status
+
+# --- static: no cluster
+
+
+def test_chart_lints_clean_against_its_schema():
+    for values in CI_VALUES:
+        out = helm("lint", str(CHART), "--strict", "-f", str(values))
+        assert "0 chart(s) failed" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("replicas=2", "/replicas"),
+    ("storage.existingSecret.nam=db", "nam"),
+    ("metrics.port=0", "/metrics/port"),
+    ("watchNamespaces[0]=Team_A", "/watchNamespaces/0"),
+    ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+])
+def test_schema_rejects_bad_values_naming_them(setting, named):
+    out = helm("template", "speechtune", str(CHART), "--set", setting, check=False)
+    assert out.returncode != 0 and named in out.stderr, out.stderr
+
+
+def test_network_policy_without_watched_namespaces_is_refused_with_the_reason():
+    out = helm("template", "speechtune", str(CHART), "--set", "networkPolicy.enabled=true", check=False)
+    assert out.returncode != 0 and "networkPolicy.enabled needs watchNamespaces" in out.stderr, out.stderr
+
+
+def test_chart_crds_are_the_top_level_crd_files():
+    shown = [doc for doc in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if doc]
+    files = [yaml.safe_load(path.read_text()) for path in sorted((REPO / "crds").glob("*.yaml"))]
+    assert sorted(shown, key=lambda doc: doc["metadata"]["name"]) == sorted(files, key=lambda doc: doc["metadata"]["name"])
+
+
+def test_watch_scope_selects_cluster_role_or_one_role_per_namespace():
+    cluster_wide = {doc["kind"] for doc in render()}
+    assert {"ClusterRole", "ClusterRoleBinding"} <= cluster_wide and "Role" not in cluster_wide
+    namespaced = render("--set", "watchNamespaces={team-a,team-b}")
+    assert not {"ClusterRole", "ClusterRoleBinding"} & {doc["kind"] for doc in namespaced}
+    for kind in ("Role", "RoleBinding"):
+        assert sorted(doc["metadata"]["namespace"] for doc in namespaced if doc["kind"] == kind) == ["team-a", "team-b"]
+    deployment = next(doc for doc in namespaced if doc["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_trial_service_account_has_no_token_and_no_rules():
+    docs = render("--set", "watchNamespaces={team-a}")
+    account = next(doc for doc in docs if doc["kind"] == "ServiceAccount" and doc["metadata"]["namespace"] == "team-a")
+    assert account["automountServiceAccountToken"] is False
+    bound = [subject["name"] for doc in docs if doc["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             for subject in doc["subjects"]]
+    assert account["metadata"]["name"] not in bound
+
+
+def test_bundled_postgresql_password_is_generated_and_feeds_the_operator_url():
+    docs = render("--set", "postgresql.enabled=true")
+    secret = next(doc for doc in docs if doc["kind"] == "Secret")
+    password = secret["stringData"]["password"]
+    assert len(password) == 32 and f":{password}@" in secret["stringData"]["url"]
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPEECHTUNE_STORAGE_URL"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "url"}
+    assert next(doc for doc in docs if doc["kind"] == "StatefulSet")["spec"]["volumeClaimTemplates"]
+
+
+def test_every_value_is_in_the_schema_with_a_description():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(properties: dict, values: dict, prefix: str) -> None:
+        assert set(values) <= set(properties), f"{prefix}: values without a schema: {set(values) - set(properties)}"
+        for name, prop in properties.items():
+            assert prop.get("description"), f"{prefix}{name} has no description"
+            if "properties" in prop and isinstance(values.get(name), dict):
+                walk(prop["properties"], values[name], f"{prefix}{name}.")
+
+    walk(schema["properties"], defaults, "")
+
+
+def test_readme_values_table_is_generated_from_the_schema():
+    table = subprocess.run([REPO / "bin" / "chart-values-table"], capture_output=True, text=True, check=True).stdout
+    readme = (REPO / "README.md").read_text()
+    assert table.strip() in readme, "README's values table is stale: run bin/chart-values-table --write"
+
+
+def test_images_are_what_the_chart_and_examples_reference():
+    deployment = next(doc for doc in render() if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f"docker build -t {values['image']['repository']} ." in dockerfile
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE).group(1))
+    assert pod["containers"][0]["command"] == entrypoint
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE).groups()
+    assert (str(pod["securityContext"]["runAsUser"]), str(pod["securityContext"]["runAsGroup"])) == user
+    assert re.search(r"^EXPOSE (\d+) (\d+)$", dockerfile, re.MULTILINE).groups() == (
+        str(values["metrics"]["port"]), str(values["healthPort"]))
+    trainer = (REPO / "trainer_image" / "Dockerfile").read_text()
+    image = re.search(r"docker build -f trainer_image/Dockerfile -t (\S+) \.", trainer).group(1)
+    example = yaml.safe_load((REPO / "examples" / "k8s" / "fake-study.yaml").read_text())
+    assert example["spec"]["trialTemplate"]["image"] == f"{image}:{values_app_version()}"
+
+
+def install_steps(dockerfile: str) -> list[str]:
+    """The package-installing commands of a Dockerfile's RUN lines."""
+    runs = re.findall(r"^RUN ((?:.*\\\n)*.*)$", dockerfile, re.MULTILINE)
+    commands = [part.strip() for run in runs for part in run.replace("\\\n", " ").split("&&")]
+    return [re.sub(r"\s+", " ", command) for command in commands if re.match(r"(apt-get install|pip install)", command)]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "trainer_image/Dockerfile"])
+def test_dockerfile_install_steps_are_the_readme_commands(dockerfile):
+    steps = install_steps((REPO / dockerfile).read_text())
+    assert steps, f"{dockerfile} installs nothing?"
+    readme = (REPO / "README.md").read_text()
+    for step in steps:
+        assert step in readme, f"{dockerfile} runs `{step}`, which README.md does not show"
+    setup = (REPO / "bin" / "setup").read_text()
+    apt = next((step for step in steps if step.startswith("apt-get install")), None)
+    if apt:
+        packages = re.search(r"^packages=\((.*)\)$", setup, re.MULTILINE).group(1).split()
+        assert set(apt.split()[2:]) - {"-y", "--no-install-recommends"} <= set(packages)
+
+
+def values_app_version() -> str:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+
+
+# --- the real control plane
+
+
+@pytest.fixture(scope="module")
+def monitoring_crd(crds):
+    crds.kubectl("apply", "--server-side", "-f", str(servicemonitor_crd()))
+    crds.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=30s")
+    return crds
+
+
+def ensure_namespace(cluster, name: str, restricted: bool = True) -> None:
+    labels = {"pod-security.kubernetes.io/enforce": "restricted"} if restricted else {}
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", CI_VALUES, ids=[path.stem for path in CI_VALUES])
+def test_renders_pass_server_side_dry_run_without_pod_security_warnings(monitoring_crd, kube_namespace, values):
+    cluster = monitoring_crd
+    cluster.kubectl("label", "namespace", kube_namespace, "pod-security.kubernetes.io/enforce=restricted")
+    for namespace in yaml.safe_load(values.read_text()).get("watchNamespaces", []):
+        ensure_namespace(cluster, namespace)
+    text = helm("template", "speechtune", str(CHART), "-n", kube_namespace, "--include-crds", "-f", str(values),
+                env=cluster.env).stdout
+    out = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-", input=text)
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(text) if doc}
+    assert len([line for line in out.stdout.splitlines() if "(server dry run)" in line]) >= len(kinds)
+    assert "PodSecurity" not in out.stderr, out.stderr
+
+
+def run_study(cluster, namespace: str, name: str, operator_log, timeout: float) -> tuple[dict, str]:
+    """Apply a small study that touches every permission (Secret storage URL, trials kept to one,
+    Events) and wait until it ends or the operator logs a refusal; the status and the log."""
+    body = small_study(name, ["--epochs", "3", "--sleep", "0.1"], maxTrials=2, parallelism=2,
+                       retention={"keepTrials": 1}, storage={"secretRef": {"name": "study-db", "key": "url"}})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    deadline = time.monotonic() + timeout
+    while True:
+        log = operator_log.read_text() if operator_log.exists() else ""
+        status = study_status(cluster, namespace, name)
+        if status.get("state") in ("Succeeded", "Failed") or "forbidden" in log.lower() or time.monotonic() > deadline:
+            time.sleep(1 if status.get("state") == "Succeeded" else 0)  # let the last Events and patches land
+            return status, operator_log.read_text() if operator_log.exists() else ""
+        time.sleep(0.5)
+
+
+def remove_studies(cluster, namespace: str) -> None:
+    """Drop the studies without an operator to release them: their finalizers are cleared first."""
+    for item in get_json(cluster, "speechtuningstudies", "-n", namespace)["items"]:
+        cluster.kubectl("patch", "speechtuningstudy", item["metadata"]["name"], "-n", namespace, "--type=merge",
+                        "-p", '{"metadata":{"finalizers":null}}')
+    cluster.kubectl("delete", "speechtuningstudies", "--all", "-n", namespace, "--timeout=60s")
+
+
+@pytest.fixture
+def installed(crds, kube_namespace, postgres_url, tmp_path):
+    """The chart installed into a restricted namespace, watching a second restricted namespace
+    that holds the studies' database Secret; the Deployment at 0 replicas, because the test
+    cluster's kubelet mounts no ServiceAccount token: the tests start its container themselves."""
+    cluster = crds
+    team = f"team-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("label", "namespace", kube_namespace, "pod-security.kubernetes.io/enforce=restricted")
+    ensure_namespace(cluster, team)
+    cluster.kubectl("create", "secret", "generic", "study-db", "-n", team, f"--from-literal=url={postgres_url}")
+    release = "st"
+    helm("install", release, str(CHART), "-n", kube_namespace, "--set", f"watchNamespaces={{{team}}}",
+         "--set", "replicas=0", "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}", "--force-conflicts", "--wait", "--timeout=60s", env=cluster.env)
+    deployment = get_json(cluster, "deployment", f"{release}-speechtune", "-n", kube_namespace)
+    kubeconfig = token_kubeconfig(cluster, f"{release}-speechtune", kube_namespace, tmp_path / "operator.kubeconfig")
+    try:
+        yield cluster, team, deployment, kubeconfig
+    finally:
+        remove_studies(cluster, team)
+        helm("uninstall", release, "-n", kube_namespace, env=cluster.env, check=False)
+        cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.mark.cluster
+def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path):
+    cluster, team, deployment, kubeconfig = installed
+    log = tmp_path / "operator.log"
+    operator = operator_process(cluster, deployment, kubeconfig, log)
+    try:
+        status, text = run_study(cluster, team, "charted", log, timeout=90)
+        pods = get_json(cluster, "pods", "-n", team, "-l", "speechtune.io/study=charted")["items"]
+        trials = get_json(cluster, "speechtuningtrials", "-n", team)["items"]
+        reasons = {event["reason"] for event in get_json(cluster, "events", "-n", team)["items"]}
+    finally:
+        stop(operator)
+    assert status.get("state") == "Succeeded", (status, text[-3000:])
+    assert "forbidden" not in text.lower() and "permission" not in text.lower(), text[-3000:]
+    assert status["trials"]["complete"] == 2 and len(trials) == 1  # spec.retention.keepTrials
+    assert {"TrialStarted", "StudySucceeded"} <= reasons, reasons
+    url = base64.b64decode(get_json(cluster, "secret", "study-db", "-n", team)["data"]["url"]).decode()
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == "speechtune-trial"
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        assert url not in json.dumps(pod["spec"]), "a trial pod was given the database URL"
+
+
+@pytest.mark.cluster
+def test_every_rule_of_the_charts_role_is_needed(installed, tmp_path):
+    """Each rule removed in turn: the operator, otherwise unchanged, is refused something, and
+    says so in its log or in the study's status."""
+    cluster, team, deployment, kubeconfig = installed
+    role = get_json(cluster, "role", "st-speechtune", "-n", team)
+    rules = role["spec"]["rules"] if "spec" in role else role["rules"]
+    unneeded = []
+    for index, rule in enumerate(rules):
+        reduced = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": "st-speechtune", "namespace": team},
+                   "rules": rules[:index] + rules[index + 1:]}
+        cluster.kubectl("replace", "-f", "-", input=json.dumps(reduced))
+        log = tmp_path / f"operator-{index}.log"
+        operator = operator_process(cluster, deployment, kubeconfig, log)
+        try:
+            status, text = run_study(cluster, team, f"without-rule-{index}", log, timeout=60)
+        finally:
+            stop(operator)
+            remove_studies(cluster, team)
+        # The refusal must show where an operator's user looks: its log or the study's status.
+        if "forbidden" not in (text + json.dumps(status)).lower():
+            unneeded.append((rule, status.get("state")))
+    assert not unneeded, f"nothing is refused without these rules: {unneeded}"
