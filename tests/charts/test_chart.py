@@ -199,19 +199,22 @@ def remove_studies(cluster, namespace: str) -> None:
     cluster.kubectl("delete", "speechtuningstudies", "--all", "-n", namespace, "--timeout=60s")
 
 
-@pytest.fixture
-def installed(crds, kube_namespace, postgres_url, tmp_path):
-    """The chart installed into a restricted namespace, watching a second restricted namespace
-    that holds the studies' database Secret; the Deployment at 0 replicas, because the test
-    cluster's kubelet mounts no ServiceAccount token: the tests start its container themselves."""
+@pytest.fixture(params=["namespaced", "cluster-wide"])
+def installed(request, crds, kube_namespace, postgres_url, tmp_path):
+    """The chart installed into a restricted namespace; the studies go to a second restricted
+    namespace (watched by name, or as one of all) that holds their database Secret. The
+    Deployment has 0 replicas, because the test cluster's kubelet mounts no ServiceAccount
+    token: the tests start its container themselves, with a token of its ServiceAccount."""
     cluster = crds
     team = f"team-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("label", "namespace", kube_namespace, "pod-security.kubernetes.io/enforce=restricted")
     ensure_namespace(cluster, team)
     cluster.kubectl("create", "secret", "generic", "study-db", "-n", team, f"--from-literal=url={postgres_url}")
-    release = "st"
-    helm("install", release, str(CHART), "-n", kube_namespace, "--set", f"watchNamespaces={{{team}}}",
-         "--set", "replicas=0", "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}", "--force-conflicts", "--wait", "--timeout=60s", env=cluster.env)
+    release = f"st-{team}"  # cluster-wide, its ClusterRole's name must not collide with another run's
+    scope = ["--set", f"watchNamespaces={{{team}}}"] if request.param == "namespaced" else []
+    helm("install", release, str(CHART), "-n", kube_namespace, *scope, "--set", "replicas=0",
+         "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}", "--force-conflicts",
+         "--wait", "--timeout=60s", env=cluster.env)
     deployment = get_json(cluster, "deployment", f"{release}-speechtune", "-n", kube_namespace)
     kubeconfig = token_kubeconfig(cluster, f"{release}-speechtune", kube_namespace, tmp_path / "operator.kubeconfig")
     try:
@@ -247,23 +250,26 @@ def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path
     assert status["trials"]["complete"] == 2 and len(trials) == 1  # spec.retention.keepTrials
     assert {"TrialStarted", "StudySucceeded"} <= reasons, reasons
     url = base64.b64decode(get_json(cluster, "secret", "study-db", "-n", team)["data"]["url"]).decode()
+    cluster_wide = "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    account = "default" if cluster_wide else "speechtune-trial"  # the chart creates it in watched namespaces only
     for pod in pods:
-        assert pod["spec"]["serviceAccountName"] == "speechtune-trial"
+        assert pod["spec"]["serviceAccountName"] == account
         assert pod["spec"]["automountServiceAccountToken"] is False
         assert url not in json.dumps(pod["spec"]), "a trial pod was given the database URL"
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("installed", ["namespaced"], indirect=True)
 def test_every_rule_of_the_charts_role_is_needed(installed, tmp_path):
     """Each rule removed in turn: the operator, otherwise unchanged, is refused something, and
     says so in its log or in the study's status."""
     cluster, team, deployment, kubeconfig = installed
-    role = get_json(cluster, "role", "st-speechtune", "-n", team)
-    rules = role["spec"]["rules"] if "spec" in role else role["rules"]
+    name = deployment["metadata"]["name"]
+    rules = get_json(cluster, "role", name, "-n", team)["rules"]
     unneeded = []
     for index, rule in enumerate(rules):
         reduced = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                   "metadata": {"name": "st-speechtune", "namespace": team},
+                   "metadata": {"name": name, "namespace": team},
                    "rules": rules[:index] + rules[index + 1:]}
         cluster.kubectl("replace", "-f", "-", input=json.dumps(reduced))
         log = tmp_path / f"operator-{index}.log"
