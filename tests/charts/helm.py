@@ -53,7 +53,6 @@ def operator_process(cluster, deployment: dict, kubeconfig: str, log_path: Path)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     namespace = deployment["metadata"]["namespace"]
     env = {key: value for key, value in cluster.env.items() if not key.startswith("SPEECHTUNE_")}
-    env.update(KUBECONFIG=kubeconfig, SPEECHTUNE_METRICS_ADDRESS="127.0.0.1")
     for variable in container.get("env", []):
         if "value" in variable:
             env[variable["name"]] = variable["value"]
@@ -61,6 +60,7 @@ def operator_process(cluster, deployment: dict, kubeconfig: str, log_path: Path)
             ref = variable["valueFrom"]["secretKeyRef"]
             secret = json.loads(cluster.kubectl("get", "secret", ref["name"], "-n", namespace, "-o", "json").stdout)
             env[variable["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    env.update(KUBECONFIG=kubeconfig, SPEECHTUNE_METRICS_ADDRESS="127.0.0.1")
     argv = [re.sub(r"//0\.0\.0\.0:", "//127.0.0.1:", arg) for arg in container["command"] + container.get("args", [])]
     assert argv[0] == "python", argv
     return subprocess.Popen([sys.executable, *argv[1:]], env=env, cwd=REPO, stdout=open(log_path, "ab"),

@@ -10,6 +10,6 @@ RECONCILE_SECONDS = Histogram(
 )
 
 
-def serve(port: int, address: str = "0.0.0.0") -> None:
+def serve(port: int, address: str) -> None:
     """Serve /metrics (all of speechtune's metrics) from a background thread, as prometheus_client does."""
     start_http_server(port, addr=address)
