@@ -25,9 +25,16 @@ class TrialLaunch:
     number: int
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    params: Mapping[str, Any]
+    params: Mapping[str, Any]  # the sampled parameters
     template: spec.TrialTemplate = field(repr=False)
     attempt: str = ""  # names one of several runs of a trial: a fidelity level, a validation seed
+    rung: int = 0  # the fidelity level index the run is at (0 without a ladder); the operator labels Jobs with it
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # a fidelity level's, which win over params
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """What the trainer gets: the parameters, then the overrides."""
+        return {**self.params, **self.overrides}
 
     @property
     def run_name(self) -> str:
@@ -72,7 +79,7 @@ def format_value(value: Any) -> str:
 
 
 def build_launch(study: str, number: int, template: spec.TrialTemplate, params: Mapping[str, Any],
-                 overrides: Mapping[str, Any] | None = None, attempt: str = "") -> TrialLaunch:
+                 overrides: Mapping[str, Any] | None = None, attempt: str = "", rung: int = 0) -> TrialLaunch:
     """The trial's argv and env: template args, then one ``--name=value`` flag per parameter.
 
     Parameters come last so that they override the template's own flags, and
@@ -88,4 +95,4 @@ def build_launch(study: str, number: int, template: spec.TrialTemplate, params: 
         "SPEECHTUNE_ATTEMPT": attempt,
     }
     return TrialLaunch(study=study, number=number, argv=template.command + template.args + flags, env=env,
-                       params=values, template=template, attempt=attempt)
+                       params=dict(params), template=template, attempt=attempt, rung=rung, overrides=dict(overrides or {}))

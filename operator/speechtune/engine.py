@@ -93,6 +93,8 @@ class Engine:
         self._notify = notify or (lambda event: None)
         self._distributions = search.distributions(study.search_space)
         self._objective = study.objective.metric
+        self.gpus = metrics.requested_gpus(study.trial_template.resources)  # per run, for speechtune_gpu_seconds
+        metrics.PRUNED.labels(**self.labels)  # at 0 at once: rate() ignores the value a series first appears with
         if study.sampler.type == "grid":
             self.budget.max_trials = min(self.budget.max_trials, search.grid_size(study.search_space))
         self.study = optuna.create_study(
@@ -255,7 +257,7 @@ class Engine:
             metrics.REPORTED_VALUE.labels(**self.labels, step=metrics.step_bucket(step)).observe(value)
             return trial.should_prune()
 
-        result = await follow_output(run, self._objective, on_step, self.labels)
+        result = await follow_output(run, self._objective, on_step, self.labels, gpus=self.gpus)
         if result.stopped:
             return TrialState.PRUNED, None, result.metrics
         return TrialState.COMPLETE, result.value, result.metrics
@@ -303,11 +305,34 @@ class RunResult:
     stopped: bool = False
 
 
-async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str]) -> RunResult:
+async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
+                        *, gpus: float) -> RunResult:
     """Read a run's protocol lines to its end; ``on_step`` sees each value and may stop the run.
 
-    Raises TrialFailed for NaN, a failed exit, or a run that reported nothing.
+    The run's GPU-seconds (``gpus`` x time since following began) are counted at each value and at
+    the end, so a run of days shows up while it runs. Raises TrialFailed for NaN, a failed exit, or
+    a run that reported nothing.
     """
+    gpu_seconds = metrics.GPU_SECONDS.labels(**labels)
+    counted = time.monotonic()
+
+    def count_gpu_time() -> None:
+        nonlocal counted
+        now = time.monotonic()
+        gpu_seconds.inc(gpus * (now - counted))
+        counted = now
+
+    def on_value(step: int, value: float) -> bool:
+        count_gpu_time()
+        return on_step(step, value)
+
+    try:
+        return await _read_output(run, objective, on_value, labels)
+    finally:
+        count_gpu_time()
+
+
+async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str]) -> RunResult:
     final_value: float | None = None
     last_value: float | None = None
     last_metrics: dict[str, float] = {}

@@ -139,7 +139,7 @@ class InProcessBackend:
         self.epochs = epochs
 
     async def launch(self, launch) -> InProcessRun:
-        return InProcessRun(dict(launch.params), self.epochs)
+        return InProcessRun(launch.values, self.epochs)
 
     async def attach(self, study: str, number: int, attempt: str = "") -> None:
         return None

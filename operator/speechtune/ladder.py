@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import optuna
@@ -37,6 +37,7 @@ LEVEL = "level"  # user attr: the level a configuration is assigned to (running,
 CORRELATIONS = "fidelity_correlations"  # study user attr: Spearman rho between adjacent levels
 VALIDATION = "validation"  # study user attr: the best configuration retrained with other seeds
 EPOCHS_KEYS = {"epochs", "max_epochs"}
+MIN_PAIRS = 5  # fewer configurations that ran both levels say too little to call a proxy unreliable
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -80,7 +81,7 @@ def chain_start(fidelity: Fidelity, level: int) -> int:
 class LadderEngine(Engine):
     """The engine, scheduling level runs instead of whole trials."""
 
-    def __init__(self, *args: Any, checkpoint_root: Path | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, checkpoint_root: PurePath | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         assert self.spec.fidelity is not None, "LadderEngine needs spec.fidelity"
         self.fidelity: Fidelity = self.spec.fidelity
@@ -88,6 +89,21 @@ class LadderEngine(Engine):
         self.top = len(self.sizes) - 1
         self.budget.max_trials = self.sizes[0]
         self.checkpoint_root = checkpoint_root
+        # Each level's series at 0 from the start: rate() ignores the value a series first appears with.
+        for index, level in enumerate(self.fidelity.levels):
+            metrics.REPORTED_VALUE.labels(**self.labels, step=level.name)
+            if index:
+                metrics.PROMOTIONS.labels(**self.labels, rung=level.name)
+
+    def rungs(self) -> list[dict[str, Any]]:
+        """Each level's progress: configurations it takes, assigned to it, running it now, done with it."""
+        configs = self._configs()
+        return [
+            {"name": level.name, "size": size, "assigned": self._launched(index, configs),
+             "running": sum(1 for t in configs if t.user_attrs[LEVEL] == index and t.number in self._runs),
+             "finished": sum(1 for t in configs if index in t.intermediate_values)}
+            for index, (level, size) in enumerate(zip(self.fidelity.levels, self.sizes))
+        ]
 
     # -- state, derived from storage each time ------------------------------
     def _configs(self) -> list[FrozenTrial]:
@@ -201,7 +217,7 @@ class LadderEngine(Engine):
     async def _launch_level(self, trial: optuna.Trial, level: int) -> None:
         attempt = f"L{level}-{self.fidelity.levels[level].name}"
         launch = build_launch(self.study_name, trial.number, self.spec.trial_template, trial.params,
-                              overrides=self._overrides(trial.number, level), attempt=attempt)
+                              overrides=self._overrides(trial.number, level), attempt=attempt, rung=level)
         await self._launch(trial, launch, f"level {self.fidelity.levels[level].name}",
                            lambda run: self._supervise_level(trial, run, level))
 
@@ -215,7 +231,7 @@ class LadderEngine(Engine):
     async def _supervise_level(self, trial: optuna.Trial, run: TrialRun, level: int) -> None:
         name = self.fidelity.levels[level].name
         try:
-            result = await follow_output(run, self._objective, lambda step, value: False, self.labels)
+            result = await follow_output(run, self._objective, lambda step, value: False, self.labels, gpus=self.gpus)
         except TrialFailed as failure:
             await run.stop()
             if self._failed_message:
@@ -258,10 +274,11 @@ class LadderEngine(Engine):
         low, high = self.fidelity.levels[lower].name, self.fidelity.levels[lower + 1].name
         metrics.PROXY_CORRELATION.labels(**self.labels, from_level=low, to_level=high).set(rho)
         correlations = dict(self.study.user_attrs.get(CORRELATIONS, {}))
-        unreliable = rho < self.fidelity.correlation_warning and len(pairs) >= 5
+        unreliable = rho < self.fidelity.correlation_warning and len(pairs) >= MIN_PAIRS
+        was_unreliable = correlations.get(f"{low}->{high}", {}).get("unreliable", False)
         correlations[f"{low}->{high}"] = {"rho": round(rho, 4), "pairs": len(pairs), "unreliable": unreliable}
         self.study.set_user_attr(CORRELATIONS, correlations)
-        if unreliable:
+        if unreliable and not was_unreliable:  # once per pair of levels, not after every run
             self._notify(Event("proxy-unreliable", None, f"Spearman rho {rho:.2f} between {low} and {high} over {len(pairs)} "
                                f"configurations is below correlationWarning {self.fidelity.correlation_warning}: "
                                f"the {low} proxy does not rank configurations like {high}"))
@@ -274,35 +291,36 @@ class LadderEngine(Engine):
             return
         record = dict(self.study.user_attrs.get(VALIDATION, {"trial": best.number, "values": {}}))
         record["values"] = dict(record["values"])
-        todo = [seed for seed in range(1, seeds + 1) if str(seed) not in record["values"]]
-        for start in range(0, len(todo), self.budget.parallelism):
-            batch = todo[start : start + self.budget.parallelism]
-            results = await asyncio.gather(*(self._validation_run(best, seed) for seed in batch))
-            for seed, value in zip(batch, results):
-                if value is not None:
-                    record["values"][str(seed)] = value
-            values = list(record["values"].values())
-            record["mean"] = sum(values) / len(values) if values else None
-            record["std"] = _std(values)
-            self.study.set_user_attr(VALIDATION, record)
+        gate = asyncio.Semaphore(self.budget.parallelism)
+
+        async def validate(seed: int) -> None:
+            async with gate:
+                value = await self._validation_run(best, seed)
+            if value is not None:  # stored at once: after a restart only the seeds without a value run
+                record["values"][str(seed)] = value
+                values = list(record["values"].values())
+                record.update(mean=sum(values) / len(values), std=_std(values))
+                self.study.set_user_attr(VALIDATION, {**record, "values": dict(record["values"])})
+
+        await asyncio.gather(*(validate(seed) for seed in range(1, seeds + 1) if str(seed) not in record["values"]))
         if record.get("mean") is not None:
             self._notify(Event("validated", best.number, f"{self._objective} {record['mean']:.4g} ± {record['std']:.4g} over {len(record['values'])} seeds"))
 
     async def _validation_run(self, best: FrozenTrial, seed: int) -> float | None:
         overrides = {**self.fidelity.levels[self.top].overrides, "seed": seed}
-        launch = build_launch(self.study_name, best.number, self.spec.trial_template, best.params, overrides=overrides, attempt=f"seed{seed}")
+        launch = build_launch(self.study_name, best.number, self.spec.trial_template, best.params, overrides=overrides,
+                              attempt=f"seed{seed}", rung=self.top)
         try:
             run = await self.backend.launch(launch)
         except LaunchError as failure:
             self._notify(Event("failed", best.number, f"validation seed {seed}: {failure}"))
             return None
         try:
-            return (await follow_output(run, self._objective, lambda step, value: False, self.labels)).value
+            return (await follow_output(run, self._objective, lambda step, value: False, self.labels, gpus=self.gpus)).value
         except TrialFailed as failure:
+            await run.stop()
             self._notify(Event("failed", best.number, f"validation seed {seed}: {failure}"))
             return None
-        finally:
-            await run.stop()
 
 
 def _std(values: list[float]) -> float:

@@ -35,6 +35,26 @@ METRIC_LAG = Histogram(
     "speechtune_metric_lag_seconds", "From a trainer printing a value to the value being in storage", _STUDY,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, float("inf")),
 )
+GPU_SECONDS = Counter(
+    "speechtune_gpu_seconds", "Requested nvidia.com/gpu x run time of trial runs, counted as their output arrives", _STUDY,
+)
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def requested_gpus(resources: dict) -> float:
+    """GPUs a trial's container asks for: requests, else limits (Kubernetes defaults one to the other).
+
+    0 without any, or for a value that is not a plain number: the API server accepts only whole
+    GPUs, so such a trial would not launch anyway.
+    """
+    for kind in ("requests", "limits"):
+        value = (resources.get(kind) or {}).get(GPU_RESOURCE)
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 def step_bucket(step: int) -> str:

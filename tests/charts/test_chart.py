@@ -176,10 +176,13 @@ def test_renders_pass_server_side_dry_run_without_pod_security_warnings(monitori
 
 
 def run_study(cluster, namespace: str, name: str, operator_log, timeout: float) -> tuple[dict, str]:
-    """Apply a small study that touches every permission (Secret storage URL, trials kept to one,
-    Events) and wait until it ends or the operator logs a refusal; the status and the log."""
-    body = small_study(name, ["--epochs", "3", "--sleep", "0.1"], maxTrials=2, parallelism=2,
-                       retention={"keepTrials": 1}, storage={"secretRef": {"name": "study-db", "key": "url"}})
+    """Apply a small study that touches every permission (Secret storage URL, a promotion up a
+    two-level ladder, trials kept to one, Events) and wait until it ends or the operator logs a
+    refusal; the status and the log."""
+    ladder = {"levels": [{"name": "low", "overrides": {"epochs": 1}}, {"name": "high", "overrides": {"epochs": 3}}],
+              "reductionFactor": 2, "initialTrials": 2}
+    body = small_study(name, ["--sleep", "0.1"], parallelism=2, fidelity=ladder, retention={"keepTrials": 1},
+                       storage={"secretRef": {"name": "study-db", "key": "url"}})
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
     deadline = time.monotonic() + timeout
     while True:
@@ -247,8 +250,9 @@ def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path
         stop(operator)
     assert status.get("state") == "Succeeded", (status, text[-3000:])
     assert "forbidden" not in text.lower() and "permission" not in text.lower(), text[-3000:]
-    assert status["trials"]["complete"] == 2 and len(trials) == 1  # spec.retention.keepTrials
-    assert {"TrialStarted", "StudySucceeded"} <= reasons, reasons
+    assert status["trials"]["complete"] == 1 and status["trials"]["pruned"] == 1, status  # one promoted, one stopped
+    assert len(trials) == 1  # spec.retention.keepTrials
+    assert {"TrialStarted", "TrialPromoted", "StudySucceeded"} <= reasons, reasons
     url = base64.b64decode(get_json(cluster, "secret", "study-db", "-n", team)["data"]["url"]).decode()
     cluster_wide = "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     account = "default" if cluster_wide else "speechtune-trial"  # the chart creates it in watched namespaces only

@@ -54,10 +54,11 @@ Shared by the per-namespace Roles and the cluster-wide ClusterRole.
 - apiGroups: [speechtune.io]
   resources: [speechtuningstudies/finalizers, speechtuningtrials/finalizers]
   verbs: [update]
-# One SpeechTuningTrial per trial: listed on (re)start, created, pruned by spec.retention.keepTrials.
+# One SpeechTuningTrial per trial: listed on (re)start, created, relabelled with its rung when
+# promoted up the fidelity ladder, pruned by spec.retention.keepTrials.
 - apiGroups: [speechtune.io]
   resources: [speechtuningtrials]
-  verbs: [get, list, create, delete]
+  verbs: [get, list, create, patch, delete]
 - apiGroups: [speechtune.io]
   resources: [speechtuningtrials/status]
   verbs: [patch]

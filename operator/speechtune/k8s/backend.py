@@ -1,10 +1,10 @@
-"""The Kubernetes backend: each trial is a Job, owned by its SpeechTuningTrial; metrics come from pod logs.
+"""The Kubernetes backend: each run of a trial is a Job, owned by its SpeechTuningTrial; metrics come from pod logs.
 
 One backend serves one study. Two watches (the study's Jobs and pods) keep an
-in-memory view that every trial consults, so a trial costs one log stream and
+in-memory view that every run consults, so a run costs one log stream and
 no polling; nothing here runs in a thread. Names are deterministic (study +
-trial number), so launching a trial twice -- an operator killed mid-launch,
-a handler run again -- creates one Trial and one Job.
+trial number + attempt, e.g. a fidelity level), so launching a run twice -- an
+operator killed mid-launch, a handler run again -- creates one Trial and one Job.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from speechtune.k8s import exits
 from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.logs import LogCursor
 from speechtune.k8s.manifests import (
-    API_VERSION, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job, build_trial, trial_name,
+    API_VERSION, ATTEMPT_LABEL, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job, build_trial,
+    job_name, rung_patch, trial_name,
 )
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 5.0  # re-evaluate a waiting trial this often even without news (pending timeouts)
 LOG_IDLE_SECONDS = 120.0  # a silent log stream is reopened (resumed) after this long
+LAUNCH_CONCURRENCY = 8  # Trial + Job creations in flight at once, per study
 STOPPED = Exit(False, None, "Stopped", "stopped by the operator")
+RunKey = tuple[int, str]  # (trial number, attempt): one Job; a ladder runs several per trial
 
 
 class KubernetesJobBackend:
@@ -45,14 +48,16 @@ class KubernetesJobBackend:
         self.options = options
         self.pending_timeout = pending_timeout
         self.selector = f"{STUDY_LABEL}={study.name}"
-        self.jobs: dict[int, dict[str, Any] | None] = {}  # None: the Job was deleted
-        self.pods: dict[int, dict[str, dict[str, Any]]] = {}
+        self.jobs: dict[RunKey, dict[str, Any] | None] = {}  # None: the Job was deleted
+        self.pods: dict[RunKey, dict[str, dict[str, Any]]] = {}
         self.trial_uids: dict[int, str] = {}
         self.trial_status: dict[int, dict[str, Any]] = {}  # status of each existing Trial object, as last seen
-        self._changed: dict[int, asyncio.Event] = {}
-        self._followed: set[int] = set()
+        self._changed: dict[RunKey, asyncio.Event] = {}
+        self._followed: set[RunKey] = set()
         self._watchers: list[asyncio.Task] = []
         self._readers: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()  # the engine's tasks following trials
+        self._creating: set[asyncio.Task] = set()  # launches in flight
+        self._launch_gate = asyncio.Semaphore(LAUNCH_CONCURRENCY)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -76,67 +81,84 @@ class KubernetesJobBackend:
         The operator is stopping or restarting the engine: the Jobs carry on,
         and the next engine re-attaches to them.
         """
-        tasks = [*self._watchers, *(task for task in self._readers if task is not asyncio.current_task())]
+        tasks = [*self._watchers, *self._creating,
+                 *(task for task in self._readers if task is not asyncio.current_task())]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- the engine's interface -------------------------------------------------
     async def launch(self, launch: TrialLaunch) -> "KubernetesRun":
-        number = launch.number
-        name = trial_name(self.study.name, number)
-        try:
-            uid = self.trial_uids.get(number)
-            if uid is None:
-                trials = path("speechtuningtrials", self.namespace)
-                trial = await self.api.create(trials, build_trial(self.study, number, dict(launch.params)))
-                trial = trial or await self.api.get(f"{trials}/{name}")
-                if trial is None:
-                    raise LaunchError(f"trial {number}: its SpeechTuningTrial {name} vanished while being created")
-                uid = self.trial_uids[number] = trial["metadata"]["uid"]
-                self.trial_status[number] = trial.get("status") or {}
-            owner = Owner(API_VERSION, TRIAL_KIND, name, uid)
-            jobs = path("jobs", self.namespace)
-            job = await self.api.create(jobs, build_job(owner, launch, self.options, self.study.name))
-            job = job or await self.api.get(f"{jobs}/{name}")  # AlreadyExists: launched before a restart
-        except ApiError as error:
-            if error.status in (400, 403, 422):  # the request itself is wrong: retrying will not help
-                raise LaunchError(f"trial {number}: cannot create its Job {name}: {error}") from error
-            raise
-        self._note_job(number, job)
-        return KubernetesRun(self, number, name)
+        """Start creating the run's Trial and Job, and return at once: the run waits for them.
 
-    async def attach(self, study: str, number: int) -> "KubernetesRun | None":
-        name = trial_name(self.study.name, number)
+        The engine launches one trial after another; awaiting two API round trips
+        (the Trial, then the Job it owns) for each would cap how fast freed slots
+        refill, so launches overlap. A request that cannot succeed ends the run
+        with reason LaunchError.
+        """
+        run = KubernetesRun(self, (launch.number, launch.attempt), job_name(self.study.name, launch.number, launch.attempt))
+        run.created = asyncio.create_task(self._create(launch), name=f"create-{run.name}")
+        self._creating.add(run.created)
+        run.created.add_done_callback(self._creating.discard)
+        return run
+
+    async def _create(self, launch: TrialLaunch) -> None:
+        number, key = launch.number, (launch.number, launch.attempt)
+        trial_object, name = trial_name(self.study.name, number), job_name(self.study.name, number, launch.attempt)
+        async with self._launch_gate:
+            try:
+                uid = self.trial_uids.get(number)
+                trials = path("speechtuningtrials", self.namespace)
+                if uid is None:
+                    trial = await self.api.create(trials, build_trial(self.study, number, dict(launch.params), launch.rung))
+                    trial = trial or await self.api.get(f"{trials}/{trial_object}")
+                    if trial is None:
+                        raise LaunchError(f"trial {number}: its SpeechTuningTrial {trial_object} vanished while being created")
+                    uid = self.trial_uids[number] = trial["metadata"]["uid"]
+                    self.trial_status[number] = trial.get("status") or {}
+                elif launch.rung:  # promoted: the Trial's rung label follows its configuration up the ladder
+                    await self.api.patch(f"{trials}/{trial_object}", rung_patch(launch.rung))
+                owner = Owner(API_VERSION, TRIAL_KIND, trial_object, uid)
+                jobs = path("jobs", self.namespace)
+                job = await self.api.create(jobs, build_job(owner, launch, self.options, self.study.name))
+                job = job or await self.api.get(f"{jobs}/{name}")  # AlreadyExists: launched before a restart
+            except ApiError as error:
+                if error.status in (400, 403, 422):  # the request itself is wrong: retrying will not help
+                    raise LaunchError(f"trial {number}: cannot create its Job {name}: {error}") from error
+                raise
+        self._note_job(key, job)
+
+    async def attach(self, study: str, number: int, attempt: str = "") -> "KubernetesRun | None":
+        name = job_name(self.study.name, number, attempt)
         job = await self.api.get(path("jobs", self.namespace, name))
         if job is None:
             return None
-        self._note_job(number, job)
-        return KubernetesRun(self, number, name)
+        self._note_job((number, attempt), job)
+        return KubernetesRun(self, (number, attempt), name)
 
     # -- the view ------------------------------------------------------------------
-    async def refresh_pods(self, number: int) -> None:
+    async def refresh_pods(self, key: RunKey) -> None:
         listing = await self.api.request("GET", path("pods", self.namespace),
-                                         params={"labelSelector": f"{self.selector},{TRIAL_LABEL}={number}"})
+                                         params={"labelSelector": f"{self.selector},{TRIAL_LABEL}={key[0]}"})
         for pod in listing.get("items", []):
             self._on_pod("MODIFIED", pod)
 
-    def pods_of(self, number: int) -> list[dict[str, Any]]:
-        return sorted(self.pods.get(number, {}).values(), key=lambda pod: pod["metadata"]["creationTimestamp"])
+    def pods_of(self, key: RunKey) -> list[dict[str, Any]]:
+        return sorted(self.pods.get(key, {}).values(), key=lambda pod: pod["metadata"]["creationTimestamp"])
 
-    def changed(self, number: int) -> asyncio.Event:
-        return self._changed.setdefault(number, asyncio.Event())
+    def changed(self, key: RunKey) -> asyncio.Event:
+        return self._changed.setdefault(key, asyncio.Event())
 
-    def forget(self, number: int) -> None:
-        self._followed.discard(number)
-        self._changed.pop(number, None)
-        if self.jobs.get(number) is None:
-            self.jobs.pop(number, None)
+    def forget(self, key: RunKey) -> None:
+        self._followed.discard(key)
+        self._changed.pop(key, None)
+        if self.jobs.get(key) is None:
+            self.jobs.pop(key, None)
 
-    def _note_job(self, number: int, job: dict[str, Any] | None) -> None:
-        self._followed.add(number)
-        self.jobs[number] = job
-        self.changed(number).set()
+    def _note_job(self, key: RunKey, job: dict[str, Any] | None) -> None:
+        self._followed.add(key)
+        self.jobs[key] = job
+        self.changed(key).set()
 
     async def _watch(self, kind: str, apply, synced: asyncio.Event) -> None:
         async for event, obj in self.api.watch(path(kind, self.namespace), {"labelSelector": self.selector}):
@@ -147,44 +169,44 @@ class KubernetesJobBackend:
                 apply(event, obj)
 
     def _on_job(self, event: str, job: dict[str, Any]) -> None:
-        number = _number(job)
-        if number is None:
+        key = _run_key(job)
+        if key is None:
             return
         if event == "DELETED":
-            if number in self._followed:
-                self.jobs[number] = None
+            if key in self._followed:
+                self.jobs[key] = None
             else:
-                self.jobs.pop(number, None)
+                self.jobs.pop(key, None)
         else:
-            self.jobs[number] = job
-        self.changed(number).set()
+            self.jobs[key] = job
+        self.changed(key).set()
 
     def _on_pod(self, event: str, pod: dict[str, Any]) -> None:
-        number = _number(pod)
-        if number is None:
+        key = _run_key(pod)
+        if key is None:
             return
-        pods = self.pods.setdefault(number, {})
+        pods = self.pods.setdefault(key, {})
         if event == "DELETED":
             pods.pop(pod["metadata"]["name"], None)
             if not pods:
-                self.pods.pop(number, None)
+                self.pods.pop(key, None)
         else:
             pods[pod["metadata"]["name"]] = pod
-        self.changed(number).set()
+        self.changed(key).set()
 
 
 async def apply_listing(backend: KubernetesJobBackend, kind: str, items: list[dict[str, Any]], apply) -> None:
     """A fresh list replaces the view: what it lacks was deleted while the watch was away."""
-    listed = {_number(item) for item in items}
+    listed = {_run_key(item) for item in items}
     if kind == "pods":
         names = {item["metadata"]["name"] for item in items}
-        for number in list(backend.pods):
-            for name, pod in list(backend.pods.get(number, {}).items()):
+        for key in list(backend.pods):
+            for name, pod in list(backend.pods.get(key, {}).items()):
                 if name not in names:
                     apply("DELETED", pod)
     else:
-        for number, job in list(backend.jobs.items()):
-            if job is not None and number not in listed:
+        for key, job in list(backend.jobs.items()):
+            if job is not None and key not in listed:
                 # The list may predate a Job created meanwhile: ask before believing it gone.
                 if await backend.api.get(path("jobs", backend.namespace, job["metadata"]["name"])) is None:
                     apply("DELETED", job)
@@ -192,9 +214,10 @@ async def apply_listing(backend: KubernetesJobBackend, kind: str, items: list[di
         apply("MODIFIED", item)
 
 
-def _number(obj: dict[str, Any]) -> int | None:
+def _run_key(obj: dict[str, Any]) -> RunKey | None:
+    labels = obj["metadata"].get("labels") or {}
     try:
-        return int(obj["metadata"]["labels"][TRIAL_LABEL])
+        return int(labels[TRIAL_LABEL]), labels.get(ATTEMPT_LABEL, "")
     except (KeyError, ValueError):
         return None
 
@@ -202,29 +225,43 @@ def _number(obj: dict[str, Any]) -> int | None:
 class KubernetesRun:
     """One trial's Job: its pods' log lines, and how it ended."""
 
-    def __init__(self, backend: KubernetesJobBackend, number: int, name: str):
+    def __init__(self, backend: KubernetesJobBackend, key: RunKey, name: str):
         self.backend = backend
-        self.number = number
+        self.key = key
+        self.number = key[0]
         self.name = name
         self.last_words = ""
+        self.created: asyncio.Task | None = None  # the launch in flight (None: attached to an existing Job)
         self._stopped = False
 
     def exit(self) -> Exit | None:
         if self._stopped:
             return STOPPED
-        return exits.classify(self.backend.jobs.get(self.number), self.backend.pods_of(self.number), time.time(),
+        return exits.classify(self.backend.jobs.get(self.key), self.backend.pods_of(self.key), time.time(),
                               self.backend.pending_timeout, self.last_words)
 
     async def _news(self) -> None:
-        changed = self.backend.changed(self.number)
+        changed = self.backend.changed(self.key)
         try:
             await asyncio.wait_for(changed.wait(), RECHECK_SECONDS)
         except asyncio.TimeoutError:
             pass
 
+    async def _launch_failure(self) -> Exit | None:
+        """Wait until the run's Trial and Job exist; the LaunchError that prevented them, if any."""
+        if self.created is None:
+            return None
+        try:
+            await self.created
+        except LaunchError as error:
+            return Exit(False, None, "LaunchError", str(error))
+        return None
+
     async def lines(self) -> AsyncIterator[bytes]:
         """Every line of every pod of the Job (a retried Job has several), oldest pod first."""
         self.backend._readers.add(asyncio.current_task())
+        if await self._launch_failure() is not None:
+            return
         read: set[str] = set()
         while True:
             pod = await self._next_pod(read)
@@ -237,17 +274,18 @@ class KubernetesRun:
     async def _next_pod(self, read: set[str]) -> str | None:
         refreshed = False
         while True:
-            self.backend.changed(self.number).clear()
+            self.backend.changed(self.key).clear()
             if self._stopped:
                 return None
-            for pod in self.backend.pods_of(self.number):
+            for pod in self.backend.pods_of(self.key):
                 if pod["metadata"]["name"] not in read and exits.started(pod):
                     return pod["metadata"]["name"]
             if self.exit() is not None:
-                if refreshed:
+                # A succeeded pod (read: it started) ends the Job; otherwise the Job's watch may be ahead
+                # of the pods' watch: list the pods before giving up on them.
+                if refreshed or any(map(exits.succeeded, self.backend.pods_of(self.key))):
                     return None
-                # The Job's watch may be ahead of the pods' watch: list the pods before giving up on them.
-                await self.backend.refresh_pods(self.number)
+                await self.backend.refresh_pods(self.key)
                 refreshed = True
                 continue
             await self._news()
@@ -256,8 +294,9 @@ class KubernetesRun:
         """One pod's log, followed; after a drop, resumed from the last line's timestamp."""
         logs = path("pods", self.backend.namespace, pod, "log")
         cursor = LogCursor()
+        refused = False
         while not self._stopped:
-            current = self.backend.pods.get(self.number, {}).get(pod)
+            current = self.backend.pods.get(self.key, {}).get(pod)
             finished = current is None or exits.terminated(current) is not None
             params: dict[str, Any] = {"container": CONTAINER, "timestamps": True, "follow": not finished,
                                       "sinceTime": cursor.since_time()}
@@ -270,7 +309,11 @@ class KubernetesRun:
             except ApiError as error:
                 if error.status in (400, 404) and finished:
                     return  # the pod (and its log) is gone
-                log.debug("trial %s: log of %s not readable yet: %s", self.number, pod, error)
+                if error.status == 403 and not refused:  # RBAC: say so once, keep trying (a fix needs no restart)
+                    log.warning("trial %s: cannot read the log of pod %s: %s", self.number, pod, error)
+                    refused = True
+                else:
+                    log.debug("trial %s: log of %s not readable yet: %s", self.number, pod, error)
                 await asyncio.sleep(1)
                 continue
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
@@ -287,21 +330,26 @@ class KubernetesRun:
     async def wait(self) -> Exit:
         self.backend._readers.add(asyncio.current_task())
         try:
+            failure = await self._launch_failure()
+            if failure is not None:
+                return failure
             while True:
-                self.backend.changed(self.number).clear()
+                self.backend.changed(self.key).clear()
                 result = self.exit()
                 if result is not None:
                     return result
                 await self._news()
         finally:
-            self.backend.forget(self.number)
+            self.backend.forget(self.key)
 
     async def stop(self) -> None:
         """Delete the Job; the garbage collector deletes its pods (SIGTERM, then SIGKILL)."""
         if self._stopped:
             return
         self._stopped = True
-        self.backend.changed(self.number).set()
+        self.backend.changed(self.key).set()
+        if self.created is not None:  # a launch in flight finishes first, or its Job would outlive the stop
+            await asyncio.gather(self.created, return_exceptions=True)
         await self.backend.api.delete(path("jobs", self.backend.namespace, self.name), propagation="Background")
-        self.backend.forget(self.number)
+        self.backend.forget(self.key)
 

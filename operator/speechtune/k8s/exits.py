@@ -27,6 +27,10 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def succeeded(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Succeeded"
+
+
 def started(pod: dict[str, Any]) -> bool:
     """Whether the container has started, so its log can be read."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -54,7 +58,9 @@ def classify(job: dict[str, Any] | None, pods: list[dict[str, Any]], now: float,
     if job is None:
         return DELETED
     conditions = _true_conditions(job)
-    if "Complete" in conditions:
+    # One succeeded pod completes the Job (completions: 1). Its Complete condition follows a second
+    # or more later (the Job controller batches pod events), time in which the trial's slot would idle.
+    if "Complete" in conditions or any(map(succeeded, pods)):
         return Exit(True, 0)
     if "Failed" in conditions:
         return _failure(conditions["Failed"], pods, last_words)

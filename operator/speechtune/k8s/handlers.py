@@ -24,11 +24,15 @@ from speechtune.k8s.runner import StorageProblem, StudyRunner, optuna_study_name
 
 PLURAL = "speechtuningstudies"
 METRICS_PORT_ENV = "SPEECHTUNE_METRICS_PORT"
+METRICS_ADDRESS_ENV = "SPEECHTUNE_METRICS_ADDRESS"  # loopback unless told (the chart says 0.0.0.0)
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     settings.persistence.finalizer = "speechtune.io/finalizer"
+    # Serve the CRDs present at start in the namespaces named on the command line: no cluster-wide
+    # watch of CRDs and namespaces, so the chart's RBAC needs nothing beyond what studies use.
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # our Events are posted on purpose; kopf's info logs would drown them
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -36,7 +40,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     memo.api = Api.from_environment()
     port = os.environ.get(METRICS_PORT_ENV)
     if port:
-        metrics.serve(int(port))
+        metrics.serve(int(port), os.environ.get(METRICS_ADDRESS_ENV, "127.0.0.1"))
         logger.info("Prometheus metrics on :%s/metrics", port)
 
 

@@ -7,7 +7,9 @@ deletion cascade through the garbage collector: study -> Trial -> Job -> pod.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from speechtune.backend import TrialLaunch
@@ -18,9 +20,12 @@ TRIAL_KIND = "SpeechTuningTrial"
 STUDY_LABEL = "speechtune.io/study"
 TRIAL_LABEL = "speechtune.io/trial"
 RUNG_LABEL = "speechtune.io/rung"
+ATTEMPT_LABEL = "speechtune.io/attempt"  # which run of a trial a Job is: "" (the only one), a level (L1-medium), a seed
 MANAGED_BY = {"app.kubernetes.io/managed-by": "speechtune"}
 CONTAINER = "trainer"
 MAX_NAME = 63  # Job names end up in a pod label (batch.kubernetes.io/job-name)
+CHECKPOINT_VOLUME = "checkpoints"
+CHECKPOINT_MOUNT = "/checkpoints"  # where spec.fidelity.checkpointVolume is mounted in every trial pod
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,30 @@ class JobOptions:
     image: str
     backoff_limit: int = 0
     ttl_seconds_after_finished: int = 3600
+    checkpoint_claim: str | None = None  # a PVC mounted at CHECKPOINT_MOUNT (spec.fidelity.checkpointVolume)
+    service_account: str | None = None  # the pods' ServiceAccount (the chart's trial account); None: default
 
 
 def trial_name(study: str, number: int) -> str:
-    """The Trial's and the Job's name: deterministic, so a second launch of a trial finds the first.
+    """The Trial's name (and its Job's, without a ladder): deterministic, so a second launch of a trial finds the first.
 
     ``<study>-<number>``; a study name too long for that is cut and given a
     short hash, so two long names never collide.
     """
-    suffix = f"-{number}"
+    return _fit(study, f"-{number}")
+
+
+def job_name(study: str, number: int, attempt: str = "") -> str:
+    """The Job of one run of a trial: the Trial's name, plus the attempt (``digits-7-l1-medium``) when it has one.
+
+    Each fidelity level and each validation seed of a configuration is its own Job,
+    so a promoted configuration never finds its lower level's Job under its name.
+    """
+    suffix = re.sub(r"[^a-z0-9-]+", "-", attempt.lower()).strip("-")
+    return _fit(study, f"-{number}" + (f"-{suffix}" if suffix else ""))
+
+
+def _fit(study: str, suffix: str) -> str:
     if len(study) + len(suffix) <= MAX_NAME:
         return study + suffix
     digest = hashlib.sha256(study.encode()).hexdigest()[:6]
@@ -60,12 +80,24 @@ def trial_name(study: str, number: int) -> str:
     return f"{study[:keep].rstrip('-')}-{digest}{suffix}"
 
 
+def checkpoint_root(options: JobOptions, optuna_study: str) -> PurePosixPath | None:
+    """Where a study's checkpoints live inside its trial pods, or None without a checkpoint volume.
+
+    Under the Optuna study's name, unique per object: a study deleted and created
+    again under the same name must not resume the old one's checkpoints.
+    """
+    return PurePosixPath(CHECKPOINT_MOUNT, optuna_study) if options.checkpoint_claim else None
+
+
 def labels(study: str, number: int, rung: int = 0) -> dict[str, str]:
     return {**MANAGED_BY, STUDY_LABEL: study, TRIAL_LABEL: str(number), RUNG_LABEL: str(rung)}
 
 
 def build_trial(study: Owner, number: int, params: dict[str, Any], rung: int = 0) -> dict[str, Any]:
-    """The SpeechTuningTrial object for a trial, owned by its study."""
+    """The SpeechTuningTrial object for a trial, owned by its study.
+
+    One per configuration; its rung label follows the configuration up the ladder (``rung_patch``).
+    """
     return {
         "apiVersion": API_VERSION,
         "kind": TRIAL_KIND,
@@ -74,12 +106,17 @@ def build_trial(study: Owner, number: int, params: dict[str, Any], rung: int = 0
             "labels": labels(study.name, number, rung),
             "ownerReferences": [study.reference()],
         },
-        "spec": {"study": study.name, "number": number, "rung": rung, "params": dict(params)},
+        "spec": {"study": study.name, "number": number, "params": dict(params)},
     }
 
 
-def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str, rung: int = 0) -> dict[str, Any]:
-    """The Job that runs one trial, owned by its Trial.
+def rung_patch(rung: int) -> dict[str, Any]:
+    """The merge patch that moves a Trial's rung label to the level its configuration was promoted to."""
+    return {"metadata": {"labels": {RUNG_LABEL: str(rung)}}}
+
+
+def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str) -> dict[str, Any]:
+    """The Job that runs one run of a trial (the trial, a fidelity level of it, a validation seed), owned by its Trial.
 
     The pod gets the trainer's argv and env only: no service-account token and
     no database credentials (only the operator talks to the storage), and a
@@ -104,28 +141,31 @@ def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str
     resources = {key: value for key, value in launch.template.resources.items() if key in ("limits", "requests")}
     if resources:
         container["resources"] = resources
-    trial_labels = labels(study, launch.number, rung)
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        # The image's own non-root USER runs the trainer (the trainer image's is 10001).
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+    }
+    if options.service_account:
+        pod["serviceAccountName"] = options.service_account
+    if options.checkpoint_claim:
+        pod["volumes"] = [{"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": options.checkpoint_claim}}]
+        container["volumeMounts"] = [{"name": CHECKPOINT_VOLUME, "mountPath": CHECKPOINT_MOUNT}]
+    run_labels = {**labels(study, launch.number, launch.rung), ATTEMPT_LABEL: launch.attempt}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": trial.name,
-            "labels": trial_labels,
+            "name": job_name(study, launch.number, launch.attempt),
+            "labels": run_labels,
             "ownerReferences": [trial.reference()],
         },
         "spec": {
             "backoffLimit": options.backoff_limit,
             "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
-            "template": {
-                "metadata": {"labels": trial_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    # The image's own non-root USER runs the trainer (the trainer image's is 10001).
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                },
-            },
+            "template": {"metadata": {"labels": run_labels}, "spec": pod},
         },
     }

@@ -5,13 +5,16 @@ handed to the running engine; any other spec change restarts the engine,
 which re-attaches to the Jobs still running. The engine and its trials carry
 on without the operator's attention; this loop only mirrors their state into
 the study's and the Trials' status, and turns the engine's events into
-Kubernetes Events.
+Kubernetes Events. With spec.fidelity the engine is the ladder's (the same
+loop, scheduling level runs), and its rungs, proxy correlations and seed
+validation go into status too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import logging
 import os
@@ -27,12 +30,14 @@ from speechtune.engine import Engine, Event
 from speechtune.k8s import metrics, retention, status, studyspec
 from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.backend import KubernetesJobBackend
-from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, trial_name
+from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, checkpoint_root, trial_name
+from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "SPEECHTUNE_STORAGE_URL"
+TRIAL_SERVICE_ACCOUNT_ENV = "SPEECHTUNE_TRIAL_SERVICE_ACCOUNT"  # set by the chart when it creates that account
 SYNC_SECONDS = 1.0  # how often running trials' progress reaches their status
 RETRY_SECONDS = 10.0  # after a storage or API problem
 PATCH_CONCURRENCY = 16
@@ -42,6 +47,9 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "pruned": ("Normal", "TrialPruned"),
     "completed": ("Normal", "TrialCompleted"),
     "promoted": ("Normal", "TrialPromoted"),
+    "level-done": ("Normal", "TrialLevelCompleted"),
+    "proxy-unreliable": ("Warning", "ProxyUnreliable"),
+    "validated": ("Normal", "StudyValidated"),
     "failed": ("Warning", "TrialFailed"),
     "study-failed": ("Warning", "StudyFailed"),
     "study-succeeded": ("Normal", "StudySucceeded"),
@@ -127,12 +135,12 @@ class StudyRunner:
     async def _run_engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
                           stopped: Any) -> None:
         owner = Owner(API_VERSION, STUDY_KIND, self.name, self.body["metadata"]["uid"])
-        backend = KubernetesJobBackend(self.api, self.namespace, owner, options.job, options.pending_timeout_seconds)
+        job = dataclasses.replace(options.job, service_account=os.environ.get(TRIAL_SERVICE_ACCOUNT_ENV) or None)
+        backend = KubernetesJobBackend(self.api, self.namespace, owner, job, options.pending_timeout_seconds)
         await backend.start()
         self._settled.clear()
         try:
-            engine = await asyncio.to_thread(Engine, study, storage, backend, study_name=self.optuna_name,
-                                             namespace=self.namespace, notify=self._notify)
+            engine = await asyncio.to_thread(self._engine, study, options, storage, backend)
             engine.update_budget(**studyspec.budget(_snapshot(self.body)))
             generation = self._generation()
             shape = studyspec.without_budget(_snapshot(self.body))
@@ -161,16 +169,25 @@ class StudyRunner:
             await backend.close()
         await self._until_changed(generation, stopped)  # done: a bigger budget starts it again
 
+    def _engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
+                backend: KubernetesJobBackend) -> Engine:
+        """The study loop; with spec.fidelity the ladder's, its checkpoints on the claim every trial Job mounts."""
+        common = dict(study_name=self.optuna_name, namespace=self.namespace, notify=self._notify)
+        if study.fidelity is None:
+            return Engine(study, storage, backend, **common)
+        return LadderEngine(study, storage, backend, checkpoint_root=checkpoint_root(options.job, self.optuna_name), **common)
+
     # -- status -----------------------------------------------------------------------
     async def _sync(self, engine: Engine, backend: KubernetesJobBackend, state: str, reason: str, message: str, generation: int) -> None:
         began = time.perf_counter()
         direction = engine.spec.objective.direction
+        level_names = tuple(level.name for level in engine.spec.fidelity.levels) if engine.spec.fidelity else ()
         trials = engine.trials()
         patches = []
         for trial in trials:
             if trial.number in self._settled or trial.number not in backend.trial_uids:
                 continue
-            desired = status.trial_status(trial, direction)
+            desired = status.trial_status(trial, direction, level_names)
             if desired != backend.trial_status.get(trial.number):
                 patches.append((trial.number, desired))
             elif trial.state.is_finished():
@@ -189,19 +206,30 @@ class StudyRunner:
             await self.api.delete(path("speechtuningtrials", self.namespace, backend_trial_name(backend, number)))
             backend.trial_uids.pop(number, None)
             backend.trial_status.pop(number, None)
+        ladder: dict[str, Any] = {}
+        extra_conditions = []
+        if isinstance(engine, LadderEngine):
+            attrs = engine.study.user_attrs
+            ladder["fidelity"] = status.fidelity_status(engine.rungs(), attrs.get(CORRELATIONS, {}), level_names)
+            validation = status.validation_status(attrs.get(VALIDATION))
+            if validation is not None:
+                ladder["validation"] = validation
+            extra_conditions.append(status.proxy_condition(ladder["fidelity"]["correlations"],
+                                                           engine.fidelity.correlation_warning, generation))
         await self._set_state(state, reason, message, generation, counts=status.trial_counts(engine.counts()),
-                              best=status.best_trial(engine.best_trial()))
+                              best=status.best_trial(engine.best_trial()), extra=ladder, extra_conditions=extra_conditions)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - began)
 
     async def _set_state(self, state: str, reason: str, message: str, generation: int, *,
-                         counts: dict[str, int] | None = None, best: dict[str, Any] | None = None) -> None:
+                         counts: dict[str, int] | None = None, best: dict[str, Any] | None = None,
+                         extra: dict[str, Any] | None = None, extra_conditions: list[dict[str, Any]] | None = None) -> None:
         desired: dict[str, Any] = {"observedGeneration": generation, "state": state, "message": message[:1000],
-                                   "optunaStudy": self.optuna_name}
+                                   "optunaStudy": self.optuna_name, **(extra or {})}
         if counts is not None:
             desired["trials"] = counts
         if best is not None:
             desired["bestTrial"] = best
-        conditions = status.phase_conditions(state, reason, message[:1000], generation)
+        conditions = status.phase_conditions(state, reason, message[:1000], generation) + (extra_conditions or [])
         if desired == self._last_status.get("desired") and conditions == self._last_status.get("conditions"):
             return
         previous = (self.body.get("status") or {}).get("conditions") or []

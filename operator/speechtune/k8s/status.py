@@ -1,8 +1,8 @@
 """What the operator writes into status: pure functions from Optuna's trials to the CRDs' status fields.
 
-Kubernetes API conventions: conditions Ready / Succeeded / Failed, each with
-reason, message, observedGeneration and a lastTransitionTime that moves only
-when its status does.
+Kubernetes API conventions: conditions Ready / Succeeded / Failed (and
+ProxyUnreliable with a fidelity ladder), each with reason, message,
+observedGeneration and a lastTransitionTime that moves only when its status does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from speechtune.engine import FAIL_REASON
+from speechtune.ladder import LEVEL, MIN_PAIRS
 
 STATES = {
     TrialState.WAITING: "Waiting", TrialState.RUNNING: "Running", TrialState.COMPLETE: "Complete",
@@ -32,8 +33,12 @@ def _time(moment: datetime.datetime | None) -> str | None:
     return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def trial_status(trial: FrozenTrial, direction: str) -> dict[str, Any]:
-    """A SpeechTuningTrial's status: state, last step, latest and best value, why it ended."""
+def trial_status(trial: FrozenTrial, direction: str, level_names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A SpeechTuningTrial's status: state, last step, latest and best value, why it ended.
+
+    With a fidelity ladder (``level_names``) a step is a level, and the status says which level
+    the configuration has reached.
+    """
     values = {step: value for step, value in trial.intermediate_values.items() if _finite(value) is not None}
     pick = min if direction == "minimize" else max
     final = _finite(trial.value) if trial.state == TrialState.COMPLETE else None
@@ -47,9 +52,14 @@ def trial_status(trial: FrozenTrial, direction: str) -> dict[str, Any]:
         "startTime": _time(trial.datetime_start),
         "completionTime": _time(trial.datetime_complete),
     }
+    rung = trial.user_attrs.get(LEVEL) if level_names else None
+    if rung is not None:
+        status.update(rung=rung, level=level_names[rung])
     if trial.state == TrialState.FAIL:
         status["reason"] = trial.user_attrs.get(FAIL_REASON, "Failed")
         status["message"] = trial.user_attrs.get("fail_message", "")
+    elif trial.state == TrialState.PRUNED and rung is not None:
+        status["message"] = f"not promoted past level {level_names[rung]}"
     elif trial.state == TrialState.PRUNED:
         status["message"] = f"pruned by the pruner at step {max(values)}" if values else "pruned by the pruner"
     return {key: value for key, value in status.items() if value is not None}
@@ -71,6 +81,44 @@ def best_trial(trial: FrozenTrial | None) -> dict[str, Any] | None:
     if trial is None or _finite(trial.value) is None:
         return None
     return {"number": trial.number, "value": trial.value, "params": dict(trial.params)}
+
+
+def fidelity_status(rungs: list[dict[str, Any]], correlations: dict[str, dict[str, Any]], level_names: tuple[str, ...]) -> dict[str, Any]:
+    """status.fidelity: each level's progress, and the proxy rank correlation of each pair of adjacent levels measured so far."""
+    measured = []
+    for low, high in zip(level_names, level_names[1:]):
+        found = correlations.get(f"{low}->{high}")
+        if found is not None:
+            measured.append({"fromLevel": low, "toLevel": high, "rho": found["rho"], "pairs": found["pairs"],
+                             "unreliable": found["unreliable"]})
+    return {"levels": rungs, "correlations": measured}
+
+
+def proxy_condition(correlations: list[dict[str, Any]], warning: float, generation: int | None) -> dict[str, Any]:
+    """ProxyUnreliable: True while a level ranks configurations unlike the next one (rho < correlationWarning over >= 5 pairs)."""
+    def describe(found: dict[str, Any]) -> str:
+        return f"Spearman rho {found['rho']:.2f} between {found['fromLevel']} and {found['toLevel']} over {found['pairs']} configurations"
+
+    unreliable = [found for found in correlations if found["unreliable"]]
+    if unreliable:
+        return condition("ProxyUnreliable", True, "RankCorrelationBelowWarning",
+                         "; ".join(map(describe, unreliable)) + f" is below correlationWarning {warning}: "
+                         "the lower level does not rank configurations like the higher one, so its promotions are close to random",
+                         generation)
+    judged = [found for found in correlations if found["pairs"] >= MIN_PAIRS]
+    if judged:
+        return condition("ProxyUnreliable", False, "RankCorrelationAboveWarning",
+                         "; ".join(map(describe, judged)) + f", at least correlationWarning {warning}", generation)
+    return {**condition("ProxyUnreliable", False, "TooFewPairs",
+                        f"no two adjacent levels share {MIN_PAIRS} configurations yet", generation), "status": "Unknown"}
+
+
+def validation_status(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """status.validation: the best configuration retrained with other seeds, as mean and std of the objective."""
+    if not record or record.get("mean") is None:
+        return None
+    values = [record["values"][seed] for seed in sorted(record["values"], key=int)]
+    return {"trial": record["trial"], "mean": record["mean"], "std": record["std"], "seeds": len(values), "values": values}
 
 
 def condition(type_: str, status: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:

@@ -5,12 +5,14 @@ The CRD's spec is the engine's spec with a few fields only a cluster has
 trialTemplate.backoffLimit and ttlSecondsAfterFinished). They are taken out
 here, and the rest goes through speechtune.spec -- the same checks as a local
 study file -- so what CEL cannot say still fails with the field named.
+spec.fidelity.checkpointVolume stays in the engine's spec (locally a directory);
+on a cluster it names the PVC that every trial Job mounts.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from speechtune import spec
@@ -54,6 +56,8 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
     if problems:
         raise spec.SpecError(problems)
+    if study.fidelity is not None and study.fidelity.checkpoint_volume:
+        options = replace(options, job=replace(options.job, checkpoint_claim=study.fidelity.checkpoint_volume))
     return study, options
 
 

@@ -6,7 +6,10 @@ import contextlib
 import copy
 import json
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -30,6 +33,21 @@ def operator_running(cluster, namespace: str, storage_url: str, monkeypatch, ext
         finally:
             delete_studies(cluster, namespace)
     assert runner.exception is None, runner.output
+
+
+def start_operator(cluster, namespace: str, storage_url: str, log_path, liveness_port: int) -> subprocess.Popen:
+    """The operator as its own process (`python -m speechtune.k8s`), for tests that SIGKILL it."""
+    env = dict(cluster.env, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(free_port()))
+    return subprocess.Popen(
+        [sys.executable, "-m", "speechtune.k8s", "-n", namespace, f"--liveness=http://127.0.0.1:{liveness_port}/healthz"],
+        env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def healthy(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+    except OSError:
+        return False
 
 
 def delete_studies(cluster, namespace: str) -> None:

@@ -15,10 +15,11 @@ from tests.speechtune.k8s.helpers import REPO, get_json, operator_running, wait_
 
 pytestmark = pytest.mark.cluster
 EXAMPLE = yaml.safe_load((REPO / "examples" / "k8s" / "fake-study.yaml").read_text())
+LADDER = yaml.safe_load((REPO / "examples" / "k8s" / "fake-ladder.yaml").read_text())
 
 
-def manifest(name: str = "bad") -> dict:
-    body = copy.deepcopy(EXAMPLE)
+def manifest(name: str = "bad", example: dict = EXAMPLE) -> dict:
+    body = copy.deepcopy(example)
     body["metadata"] = {"name": name}
     return body
 
@@ -102,12 +103,44 @@ BAD = [
     ("unknown-field", setting("spec.maxTrails", 5), "spec.maxTrails", "unknown field"),
     ("no-search-space", removing("spec.searchSpace"), "spec.searchSpace", "Required value"),
     ("name-too-long", lambda b: b["metadata"].update(name="s" * 64), "metadata.name", "at most 63 characters"),
+    ("validation-without-fidelity", setting("spec.validation", {"seeds": 3}), "spec.validation.seeds", "needs spec.fidelity"),
+]
+LOW, HIGH = {"name": "low", "overrides": {"epochs": 1}}, {"name": "high", "overrides": {"epochs": 9}}
+BAD_LADDERS = [  # changes to examples/k8s/fake-ladder.yaml
+    ("one-level", setting("spec.fidelity.levels", [LOW]), "spec.fidelity.levels", "should have at least 2 items"),
+    ("no-levels", removing("spec.fidelity.levels"), "spec.fidelity.levels", "Required value"),
+    ("duplicate-level", setting("spec.fidelity.levels", [LOW, LOW]), "spec.fidelity.levels[1]", "Duplicate value"),
+    ("level-without-name", setting("spec.fidelity.levels", [LOW, {"overrides": {"epochs": 9}}]),
+     "spec.fidelity.levels[1].name", "Required value"),
+    ("level-name-not-a-dns-label", setting("spec.fidelity.levels", [LOW, dict(HIGH, name="High Fidelity")]),
+     "spec.fidelity.levels[1].name", "should match"),
+    ("overrides-not-a-map", setting("spec.fidelity.levels", [LOW, dict(HIGH, overrides=[1])]),
+     "spec.fidelity.levels[1].overrides", "must be of type object"),
+    ("reduction-factor-one", setting("spec.fidelity.reductionFactor", 1), "spec.fidelity.reductionFactor",
+     "greater than or equal to 2"),
+    ("initial-trials-zero", setting("spec.fidelity.initialTrials", 0), "spec.fidelity.initialTrials", "greater than or equal to 1"),
+    ("too-few-initial-trials", setting("spec.fidelity.initialTrials", 15), "spec.fidelity.initialTrials",
+     "must be >= reductionFactor^(levels-1)"),
+    ("unknown-mode", setting("spec.fidelity.mode", "hyperband"), "spec.fidelity.mode", "Unsupported value"),
+    ("resume-not-a-boolean", setting("spec.fidelity.resumeFromCheckpoint", "yes"), "spec.fidelity.resumeFromCheckpoint",
+     "must be of type boolean"),
+    ("correlation-warning-above-one", setting("spec.fidelity.correlationWarning", 1.5), "spec.fidelity.correlationWarning",
+     "less than or equal to 1"),
+    ("correlation-warning-below-minus-one", setting("spec.fidelity.correlationWarning", -2), "spec.fidelity.correlationWarning",
+     "greater than or equal to -1"),
+    ("checkpoint-volume-not-a-pvc-name", setting("spec.fidelity.checkpointVolume", "/scratch/ckpt"),
+     "spec.fidelity.checkpointVolume", "should match"),
+    ("fidelity-with-a-pruner", setting("spec.pruner", {"type": "median"}), "spec.pruner.type", "must be none with spec.fidelity"),
+    ("negative-seeds", setting("spec.validation.seeds", -1), "spec.validation.seeds", "greater than or equal to 0"),
+    ("unknown-fidelity-field", setting("spec.fidelity.brackets", 3), "spec.fidelity.brackets", "unknown field"),
 ]
 
 
-@pytest.mark.parametrize("change, field, words", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_api_server_rejects_bad_study_naming_the_field(crds, kube_namespace, change, field, words):
-    body = manifest()
+@pytest.mark.parametrize("example, change, field, words",
+                         [(EXAMPLE, *case[1:]) for case in BAD] + [(LADDER, *case[1:]) for case in BAD_LADDERS],
+                         ids=[case[0] for case in BAD] + [f"ladder-{case[0]}" for case in BAD_LADDERS])
+def test_api_server_rejects_bad_study_naming_the_field(crds, kube_namespace, example, change, field, words):
+    body = manifest(example=example)
     change(body)
     result = crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=json.dumps(body), check=False)
     assert result.returncode != 0, f"accepted: {json.dumps(body['spec'])}"
@@ -121,7 +154,7 @@ def test_the_example_is_accepted_and_defaulted(crds, kube_namespace):
     assert applied["spec"]["storage"] == {"deleteOnStudyDeletion": False}
     assert applied["spec"]["trialTemplate"]["backoffLimit"] == 0
     study, options = studyspec.parse(applied)  # what the API server accepts, the operator's parser accepts
-    assert (study.max_trials, study.parallelism, options.job.image) == (20, 4, "speechtune:latest")
+    assert (study.max_trials, study.parallelism, options.job.image) == (20, 4, EXAMPLE["spec"]["trialTemplate"]["image"])
 
 
 @pytest.mark.parametrize("dotted, value, field", [
@@ -139,11 +172,49 @@ def test_what_the_study_searches_is_immutable(crds, kube_namespace, dotted, valu
     assert field in result.stderr and "is immutable" in result.stderr, result.stderr
 
 
+def test_the_ladder_example_is_accepted_and_defaulted(crds, kube_namespace):
+    body = manifest("good-ladder", LADDER)
+    del body["spec"]["fidelity"]["mode"]
+    result = crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", "-o", "json", input=json.dumps(body))
+    applied = json.loads(result.stdout)
+    assert (applied["spec"]["fidelity"]["mode"], applied["spec"]["fidelity"]["resumeFromCheckpoint"]) == ("synchronous", True)
+    study, _ = studyspec.parse(applied)
+    assert (study.fidelity.rung_sizes(), study.validation_seeds) == ([16, 4, 1], 2)
+
+
+@pytest.mark.parametrize("change, field", [
+    (setting("spec.fidelity.reductionFactor", 2), "spec.fidelity"),
+    (setting("spec.fidelity.levels.1.overrides", {"epochs": 3}), "spec.fidelity"),
+    (removing("spec.fidelity"), "spec.fidelity"),
+], ids=["reductionFactor", "overrides", "removed"])
+def test_the_fidelity_ladder_is_immutable(crds, kube_namespace, change, field):
+    crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(manifest("frozen-ladder", LADDER)))
+    body = manifest("frozen-ladder", LADDER)
+    change(body)
+    result = crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body), check=False)
+    assert result.returncode != 0
+    assert field in result.stderr and "is immutable" in result.stderr, result.stderr
+
+
+def test_a_ladder_cannot_be_added_to_a_running_study(crds, kube_namespace):
+    body = manifest("plain")
+    body["spec"]["pruner"] = {"type": "none"}
+    crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+    body["spec"]["fidelity"] = LADDER["spec"]["fidelity"]
+    result = crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body), check=False)
+    assert result.returncode != 0
+    assert "spec.fidelity" in result.stderr and "is immutable" in result.stderr, result.stderr
+
+
 def test_budgets_may_change(crds, kube_namespace):
     crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(manifest("budget")))
     body = manifest("budget")
     body["spec"].update(maxTrials=50, parallelism=8, maxFailedTrials=10)
     crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+    ladder = manifest("budget-ladder", LADDER)
+    crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(ladder))
+    ladder["spec"].update(parallelism=8, validation={"seeds": 5})  # more seeds: the winner is retrained again
+    crds.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(ladder))
 
 
 def test_every_schema_field_has_a_description(crds):

@@ -1,7 +1,9 @@
-"""The pure parts of the operator, without a cluster: manifests, exit classification, status, retention."""
+"""The pure parts of the operator, without a cluster: manifests, exit classification, status, retention, the ladder's Jobs."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime
 import json
 
@@ -14,7 +16,12 @@ from speechtune import spec
 from speechtune.backend import Exit, build_launch
 from speechtune.k8s import exits, retention, status, studyspec
 from speechtune.k8s.logs import LogCursor, parse_nanos, rfc3339_seconds, split_stamp
-from speechtune.k8s.manifests import JobOptions, Owner, build_job, build_trial, trial_name
+from speechtune.fake_trainer import InProcessBackend
+from speechtune.k8s.manifests import (
+    JobOptions, Owner, build_job, build_trial, checkpoint_root, job_name, rung_patch, trial_name,
+)
+from speechtune.ladder import LadderEngine
+from speechtune.storage import WriteThroughStorage, open_rdb
 
 STUDY = Owner("speechtune.io/v1alpha1", "SpeechTuningStudy", "digits", "uid-study")
 TEMPLATE = spec.TrialTemplate(command=("python", "-m", "speechtune.fake_trainer"), args=("--epochs", "9"),
@@ -43,7 +50,7 @@ def test_trial_is_owned_by_its_study_and_labelled():
     assert trial["metadata"]["labels"]["speechtune.io/study"] == "digits"
     assert trial["metadata"]["labels"]["speechtune.io/trial"] == "4"
     assert trial["metadata"]["labels"]["speechtune.io/rung"] == "0"
-    assert trial["spec"] == {"study": "digits", "number": 4, "rung": 0, "params": {"lr": 0.01}}
+    assert trial["spec"] == {"study": "digits", "number": 4, "params": {"lr": 0.01}}
 
 
 def test_job_is_owned_by_its_trial_and_runs_the_params_as_flags_and_env():
@@ -83,6 +90,12 @@ def test_trial_pods_get_no_credentials_and_a_restricted_security_context():
     assert "secret" not in text and "postgres" not in text and "storage" not in text
 
 
+def test_trial_pods_run_as_the_given_service_account_else_the_namespace_default():
+    assert "serviceAccountName" not in job()["spec"]["template"]["spec"]
+    pod = job(service_account="speechtune-trial")["spec"]["template"]["spec"]
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("speechtune-trial", False)
+
+
 NOW = 1_800_000_000.0
 
 
@@ -109,6 +122,7 @@ def a_pod(phase: str = "Running", terminated: dict | None = None, unschedulable_
 @pytest.mark.parametrize("job_, pods, expected", [
     (a_job(), [a_pod()], None),
     (a_job(("Complete", "", "")), [a_pod("Succeeded", {"exitCode": 0, "reason": "Completed"})], Exit(True, 0)),
+    (a_job(), [a_pod("Succeeded", {"exitCode": 0, "reason": "Completed"})], Exit(True, 0)),
     (None, [], exits.DELETED),
     (a_job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")),
      [a_pod("Failed", {"exitCode": 137, "reason": "OOMKilled"})], "OOMKilled"),
@@ -118,7 +132,7 @@ def a_pod(phase: str = "Running", terminated: dict | None = None, unschedulable_
     (a_job(), [a_pod("Pending", unschedulable_for=120)], "Unschedulable"),
     (a_job(age=30), [], None),
     (a_job(age=120), [], "NoPod"),
-], ids=["running", "complete", "deleted", "oomkilled", "exit-code", "job-reason", "pending", "unschedulable",
+], ids=["running", "complete", "pod-succeeded", "deleted", "oomkilled", "exit-code", "job-reason", "pending", "unschedulable",
         "no-pod-yet", "no-pod"])
 def test_exits_are_classified(job_, pods, expected):
     result = exits.classify(job_, pods, NOW, pending_timeout=60, last_words="RuntimeError: CUDA error")
@@ -218,3 +232,141 @@ def test_spec_problems_name_every_field():
     with pytest.raises(spec.SpecError) as error:
         studyspec.parse(body)
     assert [path for path, _ in error.value.problems] == ["spec.searchSpace[0].categorical", "spec.trialTemplate.image"]
+
+
+# -- the fidelity ladder ---------------------------------------------------------------
+
+LADDER_SPEC = {
+    "pruner": {"type": "none"},
+    "searchSpace": [{"name": "lr", "float": {"low": 1e-5, "high": 1e-2, "log": True}}],
+    "fidelity": {"levels": [{"name": "low", "overrides": {"train_hours": 1, "epochs": 1}},
+                            {"name": "mid", "overrides": {"train_hours": 1, "epochs": 3}},
+                            {"name": "high", "overrides": {"train_hours": 10, "epochs": 3}}],
+                 "reductionFactor": 2, "initialTrials": 8, "checkpointVolume": "ckpt"},
+    "validation": {"seeds": 2},
+    "trialTemplate": {"image": "t:1", "command": ["python", "-m", "speechtune.fake_trainer"], "backoffLimit": 1},
+}
+
+
+def test_each_run_of_a_trial_gets_its_own_job_name_that_fits_a_label():
+    assert job_name("digits", 7) == trial_name("digits", 7) == "digits-7"
+    assert job_name("digits", 7, "L1-medium") == "digits-7-l1-medium"
+    assert job_name("digits", 7, "seed2") == "digits-7-seed2"
+    long_a, long_b = "a" * 63, "a" * 62 + "b"
+    names = {job_name(study, 123456, attempt) for study in (long_a, long_b) for attempt in ("L0-low", "L1-low", "seed1")}
+    assert len(names) == 6 and all(len(name) <= 63 for name in names)
+
+
+def test_a_level_job_is_labelled_with_its_rung_and_attempt_and_gets_the_level_overrides_last():
+    launch = build_launch("ns.digits.abc", 3, TEMPLATE, {"lr": 0.001, "epochs": 9}, overrides={"epochs": 27},
+                          attempt="L2-high", rung=2)
+    trial = Owner("speechtune.io/v1alpha1", "SpeechTuningTrial", "digits-3", "uid-trial")
+    manifest = build_job(trial, launch, JobOptions(image="trainer:1"), "digits")
+    assert manifest["metadata"]["name"] == "digits-3-l2-high"
+    assert manifest["metadata"]["ownerReferences"][0]["name"] == "digits-3", "every run of a trial is owned by its one Trial"
+    for labels in (manifest["metadata"]["labels"], manifest["spec"]["template"]["metadata"]["labels"]):
+        assert (labels["speechtune.io/trial"], labels["speechtune.io/rung"], labels["speechtune.io/attempt"]) == ("3", "2", "L2-high")
+    assert manifest["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--lr=0.001", "--epochs=27"]
+    assert "volumes" not in manifest["spec"]["template"]["spec"], "no checkpoint volume unless the spec names one"
+
+
+def test_a_promoted_trial_moves_its_rung_label():
+    assert rung_patch(2) == {"metadata": {"labels": {"speechtune.io/rung": "2"}}}
+
+
+class RecordingBackend(InProcessBackend):
+    """The fake trainer in-process, remembering every launch: the engine decides, the manifests are built from it."""
+
+    def __init__(self):
+        super().__init__(epochs=1)
+        self.launches = []
+
+    async def launch(self, launch):
+        self.launches.append(launch)
+        return await super().launch(launch)
+
+
+def test_ladder_level_jobs_mount_the_checkpoint_claim_and_point_the_trainer_into_it(tmp_path):
+    study, options = studyspec.parse({"metadata": {"name": "digits", "namespace": "ns"}, "spec": LADDER_SPEC})
+    assert options.job.checkpoint_claim == "ckpt"
+    root = checkpoint_root(options.job, "ns.digits.abc")
+    backend = RecordingBackend()
+    engine = LadderEngine(study, WriteThroughStorage(open_rdb(f"sqlite:///{tmp_path}/ladder.db")), backend,
+                          study_name="ns.digits.abc", checkpoint_root=root)
+    assert asyncio.run(engine.run()).state == "Succeeded"
+    jobs = [build_job(Owner("speechtune.io/v1alpha1", "SpeechTuningTrial", trial_name("digits", launch.number), "uid"),
+                      launch, options.job, "digits") for launch in backend.launches]
+    assert [job["metadata"]["labels"]["speechtune.io/rung"] for job in jobs].count("1") == 4
+    for job, launch in zip(jobs, backend.launches):
+        pod = job["spec"]["template"]["spec"]
+        assert pod["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}]
+        assert pod["containers"][0]["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/checkpoints"}]
+        flags = [arg for arg in pod["containers"][0]["args"] if arg.startswith("--checkpoint_dir=")]
+        if launch.attempt.startswith("seed"):  # validation retrains from scratch
+            assert not flags
+            continue
+        # low and mid differ only in epochs: mid resumes low's checkpoint; high (more data) starts afresh
+        chain = {"L0-low": 0, "L1-mid": 0, "L2-high": 2}[launch.attempt]
+        assert flags == [f"--checkpoint_dir=/checkpoints/ns.digits.abc/trial-{launch.number}/from-level-{chain}"]
+    assert sorted(job["metadata"]["name"] for job in jobs if "seed" in job["metadata"]["name"]) == \
+        [f"digits-{engine.best_trial().number}-seed1", f"digits-{engine.best_trial().number}-seed2"]
+
+
+def test_the_fidelity_and_validation_fields_reach_the_engine():
+    study, options = studyspec.parse({"metadata": {"name": "digits"}, "spec": LADDER_SPEC})
+    assert [level.name for level in study.fidelity.levels] == ["low", "mid", "high"]
+    assert (study.fidelity.reduction_factor, study.fidelity.initial_trials, study.validation_seeds) == (2, 8, 2)
+    assert (options.job.backoff_limit, options.job.checkpoint_claim) == (1, "ckpt")
+    without = copy.deepcopy(LADDER_SPEC)
+    del without["fidelity"]["checkpointVolume"]
+    assert studyspec.parse({"metadata": {"name": "digits"}, "spec": without})[1].job.checkpoint_claim is None
+
+
+def test_what_the_crd_cannot_check_in_overrides_is_named_by_the_parser():
+    spec_ = copy.deepcopy(LADDER_SPEC)
+    spec_["fidelity"]["levels"][1]["overrides"] = {"train-hours": 10, "epochs": {"max": 3}}
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse({"metadata": {"name": "digits"}, "spec": spec_})
+    assert [path for path, _ in error.value.problems] == [
+        "spec.fidelity.levels[1].overrides.train-hours", "spec.fidelity.levels[1].overrides.epochs"]
+
+
+def test_a_ladder_trial_status_says_which_level_it_reached():
+    names = ("low", "mid", "high")
+    stopped = status.trial_status(frozen(4, TrialState.PRUNED, {0: 0.4, 1: 0.3}, level=1), "minimize", names)
+    assert {k: stopped[k] for k in ("state", "rung", "level", "lastStep", "value", "message")} == {
+        "state": "Pruned", "rung": 1, "level": "mid", "lastStep": 1, "value": 0.3, "message": "not promoted past level mid"}
+    queued = status.trial_status(frozen(5, TrialState.RUNNING, {0: 0.2}, level=1), "minimize", names)
+    assert (queued["state"], queued["rung"], queued["lastStep"]) == ("Running", 1, 0)
+    assert "rung" not in status.trial_status(frozen(6, TrialState.RUNNING, {1: 0.2}), "minimize")
+
+
+CORRELATIONS = {"low->mid": {"rho": 0.9, "pairs": 4, "unreliable": False},
+                "mid->high": {"rho": -0.3, "pairs": 6, "unreliable": True}}
+
+
+def test_fidelity_status_lists_the_correlations_of_adjacent_levels_in_order():
+    rungs = [{"name": "low", "size": 8, "assigned": 8, "running": 0, "finished": 8}]
+    found = status.fidelity_status(rungs, CORRELATIONS, ("low", "mid", "high"))
+    assert found["levels"] == rungs
+    assert found["correlations"] == [
+        {"fromLevel": "low", "toLevel": "mid", "rho": 0.9, "pairs": 4, "unreliable": False},
+        {"fromLevel": "mid", "toLevel": "high", "rho": -0.3, "pairs": 6, "unreliable": True}]
+
+
+def test_proxy_unreliable_is_true_only_for_a_low_rho_over_enough_pairs():
+    measured = status.fidelity_status([], CORRELATIONS, ("low", "mid", "high"))["correlations"]
+    bad = status.proxy_condition(measured, 0.5, 3)
+    assert (bad["type"], bad["status"], bad["reason"]) == ("ProxyUnreliable", "True", "RankCorrelationBelowWarning")
+    assert "Spearman rho -0.30 between mid and high over 6 configurations" in bad["message"]
+    assert "low and mid" not in bad["message"]
+    good = status.proxy_condition([dict(measured[1], rho=0.8, unreliable=False)], 0.5, 3)
+    assert (good["status"], good["reason"]) == ("False", "RankCorrelationAboveWarning")
+    unknown = status.proxy_condition(measured[:1], 0.5, 3)
+    assert (unknown["status"], unknown["reason"]) == ("Unknown", "TooFewPairs")
+
+
+def test_validation_status_is_mean_and_std_over_the_seeds_in_seed_order():
+    record = {"trial": 7, "values": {"10": 0.3, "2": 0.1, "1": 0.2}, "mean": 0.2, "std": 0.1}
+    assert status.validation_status(record) == {"trial": 7, "mean": 0.2, "std": 0.1, "seeds": 3, "values": [0.2, 0.1, 0.3]}
+    assert status.validation_status({"trial": 7, "values": {}, "mean": None}) is None

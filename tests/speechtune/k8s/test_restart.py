@@ -9,9 +9,7 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 
 import optuna
 import pytest
@@ -20,17 +18,10 @@ from optuna.trial import TrialState
 from speechtune import fake_trainer
 from speechtune.backend import format_value
 from tests.speechtune.k8s.helpers import (
-    REPO, delete_studies, free_port, get_json, small_study, study_status, wait_for_study_end, wait_until,
+    delete_studies, free_port, get_json, healthy, small_study, start_operator, study_status, wait_for_study_end, wait_until,
 )
 
 pytestmark = pytest.mark.cluster
-
-
-def start_operator(cluster, namespace: str, storage_url: str, log_path, liveness_port: int) -> subprocess.Popen:
-    env = dict(cluster.env, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(free_port()))
-    return subprocess.Popen(
-        [sys.executable, "-m", "speechtune.k8s", "-n", namespace, f"--liveness=http://127.0.0.1:{liveness_port}/healthz"],
-        env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
 def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgres_url, tmp_path):
@@ -44,7 +35,7 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
     port = free_port()
     operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
     try:
-        wait_until(lambda: _healthy(port), timeout=30, what="the operator's liveness endpoint")
+        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
         for _ in range(3):
             time.sleep(rng.uniform(2, 6))
             wait_until(lambda: study_status(cluster, kube_namespace, "survivor").get("trials", {}).get("running"),
@@ -79,9 +70,3 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert all(t.last_step == 9 for t in complete)
 
-
-def _healthy(port: int) -> bool:
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
-    except OSError:
-        return False
