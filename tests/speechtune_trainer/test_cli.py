@@ -52,6 +52,7 @@ def test_underscores_in_values_are_kept():
         (["--n-mels", "40", "--freq-width", "50"], "--freq-width (50) exceeds --n-mels (40)"),
         (["--num-layers", "0"], "--num-layers must be at least 1"),
         (["--time-width", "2"], "--time-width is a fraction"),
+        (["--epochs", "5", "--schedule-epochs", "3"], "--schedule-epochs (3) is below --epochs (5)"),
     ],
 )
 def test_invalid_combinations_exit_2_naming_the_flags(data_dir, capsys, flags, message):
@@ -92,6 +93,11 @@ def test_noam_lr_is_converted_to_nemos_multiplier():
     args = parse("--schedule", "noam", "--lr", "0.001", "--d-model", "144", "--warmup-steps", "100")
     assert config.lr_for_optimizer(args) == pytest.approx(0.001 * 12 * 10)
     assert config.lr_for_optimizer(parse("--schedule", "warmup-cosine", "--lr", "0.001")) == 0.001
+
+
+def test_schedule_spans_schedule_epochs_so_a_proxy_run_follows_the_full_runs_lr():
+    assert config.schedule_steps(parse("--epochs", "3", "--batch-size", "8"), utterances=100) == 13 * 3
+    assert config.schedule_steps(parse("--epochs", "3", "--schedule_epochs=5", "--batch-size", "8"), utterances=100) == 13 * 5
 
 
 def test_train_hours_takes_a_nested_prefix_with_absolute_paths(tmp_path):

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=1e-3)
     opt.add_argument("--batch-size", type=int, default=16)
     opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument(
+        "--schedule-epochs", type=int, default=None,
+        help="epochs the lr schedule spans (default --epochs): a proxy run on the full run's schedule, which a longer run resumes unchanged",
+    )
     opt.add_argument("--seed", type=int, default=0)
     fidelity = parser.add_argument_group("fidelity")
     fidelity.add_argument("--train-hours", type=float, default=None, help="train on the first H hours of train_manifest.json")
@@ -120,6 +124,8 @@ def problems(args: argparse.Namespace) -> list[str]:
             found.append(f"--ctc-weight is a share of the loss, in [0, 1]; got {args.ctc_weight}")
     if args.schedule == "noam" and args.warmup_steps == 0:
         found.append("--schedule noam needs --warmup-steps >= 1 (its peak is at the end of warmup)")
+    if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
+        found.append(f"--schedule-epochs ({args.schedule_epochs}) is below --epochs ({args.epochs}): the schedule would end before training")
     if args.train_hours is not None and not args.train_hours > 0:
         found.append(f"--train-hours must be positive, got {args.train_hours}")
     for split in ("train", "dev"):
@@ -172,6 +178,11 @@ def encoder_config(args: argparse.Namespace) -> dict:
         "d_model": args.d_model,
         "dropout": args.dropout,
     }
+
+
+def schedule_steps(args: argparse.Namespace, utterances: int) -> int:
+    """The optimiser step where the lr schedule ends: --schedule-epochs (default --epochs) epochs of batches."""
+    return math.ceil(utterances / args.batch_size) * (args.schedule_epochs or args.epochs)
 
 
 def schedule_config(args: argparse.Namespace, max_steps: int) -> dict:

@@ -86,7 +86,7 @@ def train(args: argparse.Namespace) -> int:
     seed_everything(args.seed, workers=True, verbose=False)
 
     class ScheduleHorizon(Callback):
-        """Keeps the decay horizon at this run's --epochs when resuming: the checkpoint holds the old one."""
+        """Keeps the decay horizon at this run's schedule length when resuming: the checkpoint holds the old one."""
 
         def __init__(self, max_steps: int) -> None:
             self.max_steps = max_steps
@@ -100,7 +100,7 @@ def train(args: argparse.Namespace) -> int:
         workdir = args.checkpoint_dir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         train_manifest, utterances = training_manifest(args.data, args.train_hours, workdir)
-        max_steps = math.ceil(utterances / args.batch_size) * args.epochs
+        max_steps = config.schedule_steps(args, utterances)
         num_workers = 0 if accelerator == "cpu" else min(8, threads)
         cfg = OmegaConf.create(
             config.model_config(args, train_manifest, args.data / "dev_manifest.json", max_steps, num_workers)
