@@ -68,9 +68,12 @@ def wer(params: dict[str, str], step: int) -> float:
     return round(min(1.0, max(0.0, curve + noise)), 6)
 
 
-def measure(params: dict[str, str], step: int, misleading_below_hours: float) -> float:
+def measure(params: dict[str, str], step: int, misleading_below_hours: float, flat_below_hours: float = 0.0) -> float:
     value = wer(params, step)
-    if float(params.get("train_hours", 10)) < misleading_below_hours:
+    hours = float(params.get("train_hours", 10))
+    if hours < flat_below_hours:
+        return 1.0  # too little data to learn anything: every configuration scores the same
+    if hours < misleading_below_hours:
         return round(1.0 - value, 6)  # the best configurations look worst
     return value
 
@@ -88,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger", help="append this trial's number (and attempt) to a file at start (tests count runs)")
     parser.add_argument("--misleading-below-hours", type=float, default=0.0,
                         help="below this train_hours, rank configurations backwards: a proxy that cannot be trusted")
+    parser.add_argument("--flat-below-hours", type=float, default=0.0,
+                        help="below this train_hours, report WER 1.0 for every configuration: a proxy that ranks nothing")
     known, rest = parser.parse_known_args(argv)
     params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
+
+    def score(step: int) -> float:
+        return measure(params, step, known.misleading_below_hours, known.flat_below_hours)
+
     if known.ledger:
         with open(known.ledger, "a") as ledger:
             ledger.write(" ".join(filter(None, [os.environ.get("SPEECHTUNE_TRIAL", "?"), os.environ.get("SPEECHTUNE_ATTEMPT")])) + "\n")
@@ -104,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         if known.junk:
             _junk()
-        value = float("nan") if known.nan_at == epoch else measure(params, epoch, known.misleading_below_hours)
+        value = float("nan") if known.nan_at == epoch else score(epoch)
         report(step=epoch, wer=value, cer=value / 2)
         if known.hang:
             time.sleep(10**6)
-    report(final=True, wer=measure(params, known.epochs, known.misleading_below_hours))
+    report(final=True, wer=score(known.epochs))
     return 0
 
 

@@ -268,7 +268,10 @@ class LadderEngine(Engine):
     # -- proxy correlation and validation -------------------------------------
     def _update_correlation(self, lower: int) -> None:
         pairs = [t for t in self._configs() if lower in t.intermediate_values and lower + 1 in t.intermediate_values]
-        rho = spearman([t.intermediate_values[lower] for t in pairs], [t.intermediate_values[lower + 1] for t in pairs])
+        proxy, target = [t.intermediate_values[lower] for t in pairs], [t.intermediate_values[lower + 1] for t in pairs]
+        rho = spearman(proxy, target)
+        if math.isnan(rho) and len(pairs) >= 2 and len(set(proxy)) == 1 < len(set(target)):
+            rho = 0.0  # a proxy that scores every configuration alike ranks nothing
         if math.isnan(rho):
             return
         low, high = self.fidelity.levels[lower].name, self.fidelity.levels[lower + 1].name

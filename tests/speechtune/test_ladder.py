@@ -128,6 +128,16 @@ def test_correlation_is_published_and_a_misleading_proxy_raises_proxy_unreliable
     assert any(e.kind == "proxy-unreliable" for e in events)
 
 
+def test_a_proxy_that_scores_every_configuration_alike_is_unreliable(tmp_path):
+    flat, _, outcome, events = run_ladder(
+        tmp_path, ladder_manifest(tmp_path, name="flat", initial=16, eta=2, levels=LEVELS[:2], args=("--flat-below-hours", "5")),
+    )
+    assert outcome.state == "Succeeded"
+    found = flat.study.user_attrs[CORRELATIONS]["low->medium"]
+    assert found == {"rho": 0.0, "pairs": 8, "unreliable": True}
+    assert any(e.kind == "proxy-unreliable" for e in events)
+
+
 def test_validation_retrains_the_best_with_other_seeds(tmp_path):
     engine, backend, outcome, _ = run_ladder(tmp_path, ladder_manifest(tmp_path, initial=4, eta=2, levels=LEVELS[:2], seeds=3))
     assert outcome.state == "Succeeded"
