@@ -63,6 +63,10 @@ class TrialRun(Protocol):
 
 
 class Backend(Protocol):
+    # How long after a runner dies a launch it began can still take effect (a create request
+    # in flight to an API server); a restarted engine waits that long before calling it lost.
+    recovery_grace_seconds: float
+
     async def launch(self, launch: TrialLaunch) -> TrialRun:
         """Start a trial. Launching the same study and number twice starts it once."""
 

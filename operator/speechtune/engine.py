@@ -8,7 +8,8 @@ system of record, so a new engine on the same storage continues the study.
 Recovery policy, for trials left RUNNING by an engine that died: if the
 backend can re-attach (a Kubernetes Job still exists), the trial is followed
 again and its output re-read from the start; values already stored are
-skipped. Otherwise the trial is recorded FAIL with reason ``interrupted`` (not
+skipped. Otherwise, after the backend's ``recovery_grace_seconds`` (a Job
+create sent just before the death can land late) and one more look, the trial is recorded FAIL with reason ``interrupted`` (not
 counted toward ``maxFailedTrials``) and its configuration is queued again as
 a new trial, inside ``maxTrials``.
 """
@@ -213,14 +214,21 @@ class Engine:
         self._publish_counts()
 
     async def _recover(self) -> None:
-        for frozen in self.trials((TrialState.RUNNING,)):
-            run = await self.backend.attach(self.study_name, frozen.number)
-            if run is not None:
-                self._follow(optuna.Trial(self.study, frozen._trial_id), run)
-                continue
+        lost = [frozen for frozen in self.trials((TrialState.RUNNING,)) if not await self._reattach(frozen)]
+        if lost and self.backend.recovery_grace_seconds:
+            await asyncio.sleep(self.backend.recovery_grace_seconds)  # a launch still in flight may land
+            lost = [frozen for frozen in lost if not await self._reattach(frozen)]
+        for frozen in lost:
             self._record_failure(frozen.number, frozen._trial_id, INTERRUPTED, "the runner stopped while this trial was running")
             if sum(self.counts().values()) < self.budget.max_trials:
                 self.study.enqueue_trial(frozen.params, user_attrs={REQUEUED_FROM: frozen.number}, skip_if_exists=False)
+
+    async def _reattach(self, frozen: FrozenTrial) -> bool:
+        """Follow a trial left running by an earlier engine again, if the backend still has it."""
+        run = await self.backend.attach(self.study_name, frozen.number)
+        if run is not None:
+            self._follow(optuna.Trial(self.study, frozen._trial_id), run)
+        return run is not None
 
     async def _supervise(self, trial: optuna.Trial, run: TrialRun) -> None:
         started = trial.user_attrs.get("launched_at", time.time())

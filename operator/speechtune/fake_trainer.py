@@ -144,6 +144,8 @@ class InProcessRun:
 class InProcessBackend:
     """A backend running the fake trainer in-process: for sampler statistics and overhead benchmarks."""
 
+    recovery_grace_seconds = 0.0
+
     def __init__(self, epochs: int = 9):
         self.epochs = epochs
 

@@ -123,6 +123,8 @@ def _last_words(log_path: Path) -> str:
 class LocalProcessBackend:
     """Runs trials as subprocesses, their output logged under ``workdir``."""
 
+    recovery_grace_seconds = 0.0  # trials die with the runner (PDEATHSIG): nothing can start late
+
     def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.extra_env = extra_env or {}

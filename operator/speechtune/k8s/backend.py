@@ -41,6 +41,11 @@ RunKey = tuple[int, str]  # (trial number, attempt): one Job; a ladder runs seve
 class KubernetesJobBackend:
     """Runs one study's trials as Jobs in the study's namespace."""
 
+    # A Job create sent by an operator just before it was killed can land after its successor
+    # looked for the Job (seen: about a second, on a loaded API server). Ten seconds is a
+    # practical bound, not a guarantee: the client's own request timeout is 30 s.
+    recovery_grace_seconds = 10.0
+
     def __init__(self, api: Api, namespace: str, study: Owner, options: JobOptions, pending_timeout: float = 600):
         self.api = api
         self.namespace = namespace
