@@ -235,16 +235,19 @@ class Engine:
         try:
             state, value, last_metrics = await self._ingest(trial, run)
         except TrialFailed as failure:
-            await run.stop()
             if self._failed_message:  # stopped by us, because the study failed
                 failure = TrialFailed("StudyFailed", "stopped because the study failed")
+            # Recorded before the run is stopped: a runner killed in between must not find the
+            # trial RUNNING without its Job, and call a trial that ran "interrupted".
             self._record_failure(trial.number, trial._trial_id, failure.reason, str(failure))
+            await run.stop()
             self._finish_metrics("FAIL", started)
             return
         with self.storage.batch():
             trial.set_user_attr("metrics", last_metrics)
             self.study.tell(trial, value, state=state)
         if state == TrialState.PRUNED:
+            await run.stop()  # only now: see above
             metrics.PRUNED.labels(**self.labels).inc()
             frozen = self.storage.get_trial(trial._trial_id)  # told PRUNED: its value is the last reported one
             self._notify(Event("pruned", trial.number, f"pruned at step {frozen.last_step}", frozen.value))
@@ -315,7 +318,8 @@ class RunResult:
 
 async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
                         *, gpus: float) -> RunResult:
-    """Read a run's protocol lines to its end; ``on_step`` sees each value and may stop the run.
+    """Read a run's protocol lines to its end; ``on_step`` sees each value and may end the reading
+    early (``RunResult.stopped``): the caller then records why and stops the run.
 
     The run's GPU-seconds (``gpus`` x time since following began) are counted at each value and at
     the end, so a run of days shows up while it runs. Raises TrialFailed for NaN, a failed exit, or
@@ -362,8 +366,7 @@ async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, fl
         if line.time is not None:
             metrics.METRIC_LAG.labels(**labels).observe(max(0.0, time.time() - line.time))
         if on_step(line.step, value):
-            await run.stop()
-            return RunResult(None, last_metrics, stopped=True)
+            return RunResult(None, last_metrics, stopped=True)  # the caller stops the run once it has recorded why
     exit = await run.wait()
     if not exit.succeeded:
         raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
