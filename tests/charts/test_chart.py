@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from tests.charts.helm import CHART, CI_VALUES, REPO, helm, operator_process, render, servicemonitor_crd, token_kubeconfig
-from tests.speechtune.k8s.helpers import free_port, get_json, small_study, study_status
+from tests.speechtune.k8s.helpers import free_port, get_json, small_study, stop_operator, study_status
 
 # --- static: no cluster
 
@@ -228,14 +227,6 @@ def installed(request, crds, kube_namespace, postgres_url, tmp_path):
         cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
 @pytest.mark.cluster
 def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path):
     cluster, team, deployment, kubeconfig = installed
@@ -247,7 +238,7 @@ def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path
         trials = get_json(cluster, "speechtuningtrials", "-n", team)["items"]
         reasons = {event["reason"] for event in get_json(cluster, "events", "-n", team)["items"]}
     finally:
-        stop(operator)
+        stop_operator(operator)
     assert status.get("state") == "Succeeded", (status, text[-3000:])
     assert "forbidden" not in text.lower() and "permission" not in text.lower(), text[-3000:]
     assert status["trials"]["complete"] == 1 and status["trials"]["pruned"] == 1, status  # one promoted, one stopped
@@ -281,7 +272,7 @@ def test_every_rule_of_the_charts_role_is_needed(installed, tmp_path):
         try:
             status, text = run_study(cluster, team, f"without-rule-{index}", log, timeout=60)
         finally:
-            stop(operator)
+            stop_operator(operator)
             remove_studies(cluster, team)
         # The refusal must show where an operator's user looks: its log or the study's status.
         if "forbidden" not in (text + json.dumps(status)).lower():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from speechtune import metrics
 from speechtune.k8s import metrics as operator_metrics
-from tests.speechtune.k8s.helpers import REPO, delete_studies, free_port, small_study, study_status, wait_until
+from tests.speechtune.k8s.helpers import (
+    REPO, delete_studies, free_port, small_study, stop_operator, study_status, wait_until,
+)
 from tests.support.prometheus import prometheus_server
 
 DASHBOARD = REPO / "charts" / "speechtune" / "dashboards" / "speechtune.json"
@@ -189,8 +190,7 @@ def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gp
             ladder_gpu_seconds = sample(prom, f'speechtune_gpu_seconds_total{{study="{ladder_name}"}}')
         finally:
             delete_studies(cluster, kube_namespace)
-            operator.send_signal(signal.SIGTERM)
-            operator.wait(timeout=30)
+            stop_operator(operator)
     assert not without_data, "panels without data:\n" + "\n".join(f"{title}: {expr}" for expr, title in without_data.items()) \
         + "\noperator log:\n" + log.read_text()[-3000:]
     assert 0.5 * run_seconds <= gpu_seconds <= run_seconds, (gpu_seconds, run_seconds)  # 1 GPU x each trial's run time

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,15 @@ def start_operator(cluster, namespace: str, storage_url: str, log_path, liveness
     return subprocess.Popen(
         [sys.executable, "-m", "speechtune.k8s", "-n", namespace, f"--liveness=http://127.0.0.1:{liveness_port}/healthz"],
         env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def stop_operator(process: subprocess.Popen) -> None:
+    """SIGTERM, as a kubelet would; SIGKILL if it has not stopped within 20 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def healthy(port: int) -> bool:

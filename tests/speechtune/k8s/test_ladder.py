@@ -9,7 +9,6 @@ import collections
 import json
 import os
 import signal
-import subprocess
 import urllib.request
 
 import optuna
@@ -19,7 +18,8 @@ from optuna.trial import TrialState
 
 from speechtune.ladder import spearman
 from tests.speechtune.k8s.helpers import (
-    REPO, delete_studies, free_port, get_json, healthy, operator_running, start_operator, study_status,
+    stop_operator,
+    REPO, delete_studies, free_port, get_json, healthy, operator_running, start_operator,
     wait_for_study_end, wait_until,
 )
 
@@ -67,11 +67,7 @@ def test_ladder_runs_each_level_as_a_new_job_and_survives_an_operator_kill(crds,
         events = study_events(cluster, kube_namespace, "fake-ladder")
     finally:
         delete_studies(cluster, kube_namespace)
-        operator.send_signal(signal.SIGTERM)
-        try:
-            operator.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        stop_operator(operator)
     assert status["state"] == "Succeeded", (status, log_path.read_text()[-3000:])
     study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
     best = study.best_trial

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 
 import optuna
@@ -18,6 +17,7 @@ from optuna.trial import TrialState
 from speechtune import fake_trainer
 from speechtune.backend import format_value
 from tests.speechtune.k8s.helpers import (
+    stop_operator,
     delete_studies, free_port, get_json, healthy, small_study, start_operator, study_status, wait_for_study_end, wait_until,
 )
 
@@ -47,11 +47,7 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
         jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=survivor")["items"]
     finally:
         delete_studies(cluster, kube_namespace)
-        operator.send_signal(signal.SIGTERM)
-        try:
-            operator.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
+        stop_operator(operator)
     assert status["state"] == "Succeeded", (status, log_path.read_text()[-3000:])
     study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
     trials = study.get_trials()
