@@ -26,7 +26,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speechtune import fake_trainer, spec  # noqa: E402
-from speechtune.engine import Engine  # noqa: E402
+from speechtune.executor import Executor  # noqa: E402
 from speechtune.storage import WriteThroughStorage, open_rdb  # noqa: E402
 from tests.support.postgres import postgres_server  # noqa: E402
 
@@ -101,7 +101,7 @@ def _study_spec(url: str, trials: int) -> spec.Study:
 
 def engine(url: str, trials: int) -> dict:
     study = _study_spec(url, trials)
-    runner = Engine(study, WriteThroughStorage(open_rdb(url)), fake_trainer.InProcessBackend(epochs=STEPS))
+    runner = Executor(study, WriteThroughStorage(open_rdb(url)), fake_trainer.InProcessBackend(epochs=STEPS))
     asks: list[float] = []
     ask = runner.study.ask
 

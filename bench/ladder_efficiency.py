@@ -2,7 +2,7 @@
 
 Every trial is a real NeMo run (`speechtune-trainer asr`, CPU, one thread) on speech that
 `make-data` synthesises with espeak-ng; each arm is a study run by the real engine
-(`Engine` / `LadderEngine` with `LocalProcessBackend`, SQLite in a temp dir). The trial
+(`Executor` with `LocalProcessBackend`, SQLite in a temp dir). The trial
 command is bench/timed_run.py around the trainer, so each run's CPU-seconds, wall-seconds and
 end time are stored with its trial; the anytime curve comes from storage alone: runs in
 finish order, cumulative trainer CPU-seconds, best full-fidelity WER so far. CPU-seconds, not
@@ -41,8 +41,7 @@ from pathlib import Path
 import optuna
 
 from speechtune import spec
-from speechtune.engine import Engine, Event
-from speechtune.ladder import LadderEngine
+from speechtune.executor import Event, Executor
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 
@@ -115,15 +114,15 @@ def run_study(arm: str, seed: int, args: argparse.Namespace, folder: Path) -> di
     study = study_spec(arm, seed, args, folder)
     storage = WriteThroughStorage(open_rdb(study.storage.url))
     backend = LocalProcessBackend(folder / study.name)
-    engine: Engine
+    engine: Executor
     if study.fidelity is not None:
-        engine = LadderEngine(study, storage, backend, notify=lambda e: log(study.name, e), checkpoint_root=Path(study.fidelity.checkpoint_volume))
+        engine = Executor(study, storage, backend, notify=lambda e: log(study.name, e), checkpoint_root=Path(study.fidelity.checkpoint_volume))
     else:
         def guard(event: Event) -> None:
             log(study.name, event)
             if event.kind == "completed" and sum(r["cpu"] for r in runs_of(engine.study, None)) >= args.budget:
                 engine.update_budget(max_trials=len(engine.trials()))  # B spent: start nothing new
-        engine = Engine(study, storage, backend, notify=guard)
+        engine = Executor(study, storage, backend, notify=guard)
     load_before, began = os.getloadavg(), time.monotonic()
     outcome = asyncio.run(engine.run())
     runs = runs_of(engine.study, study.fidelity)

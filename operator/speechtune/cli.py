@@ -16,10 +16,10 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from speechtune import leaderboard, spec
-from speechtune.engine import Engine, Event
-from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine
+from speechtune import leaderboard, record, spec
+from speechtune.executor import Event, Executor
 from speechtune.local import LocalProcessBackend
+from speechtune.schedulers.stages import describe_result
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
 
 DEFAULT_STORAGE = "sqlite:///speechtune.db"
@@ -93,6 +93,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     )
     if study.storage.secret_name and not args.storage:
         raise spec.SpecError([("spec.storage.secretRef", "names a Kubernetes Secret; locally, pass --storage URL")])
+    if study.warm_start and study.warm_start.storage.secret_name:
+        raise spec.SpecError([("spec.warmStart.storage.secretRef", "names a Kubernetes Secret; locally, give spec.warmStart.storage.url")])
     url = args.storage or study.storage.url or DEFAULT_STORAGE
     storage = WriteThroughStorage(open_rdb(url))
     if args.metrics_port:
@@ -102,20 +104,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     workdir = args.workdir or Path(".speechtune") / study.name
     backend = LocalProcessBackend(workdir)
     display = _Display(console, study)
-    if study.fidelity is not None:
-        checkpoints = Path(study.fidelity.checkpoint_volume or workdir / "checkpoints").resolve()
-        engine: Engine = LadderEngine(study, storage, backend, notify=display.event, checkpoint_root=checkpoints)
-    else:
-        engine = Engine(study, storage, backend, notify=display.event)
+    checkpoints = study.checkpoints.volume or (study.fidelity.checkpoint_volume if study.fidelity else None) or workdir / "checkpoints"
+    engine = Executor(study, storage, backend, notify=display.event, checkpoint_root=Path(checkpoints).resolve())
     display.engine = engine
-    budget = (f"ladder {' -> '.join(map(str, study.fidelity.rung_sizes()))} over {len(study.fidelity.levels)} levels"
-              if study.fidelity else f"{study.max_trials} trials")
-    console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, {budget}, "
+    console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, {_budget(study)}, "
                   f"{study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
     with Live(display, console=console, refresh_per_second=4, transient=True):
         outcome = asyncio.run(engine.run())
     console.print(leaderboard.table(engine.study, study.objective.metric, args.top))
-    _print_fidelity(engine.study, console)
+    _print_results(engine.study, console)
     colour = "green" if outcome.state == "Succeeded" else "red"
     console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
     console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)
@@ -136,18 +133,38 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     console.print(", ".join(f"{state.lower()} {count}" for state, count in sorted(counts.items())))
-    _print_fidelity(study, console)
+    _print_results(study, console)
     return 0
 
 
-def _print_fidelity(study: optuna.Study, console: Console) -> None:
-    """Proxy rank correlations and seed validation, when the study ran a fidelity ladder."""
-    for pair, found in study.user_attrs.get(CORRELATIONS, {}).items():
+def _budget(study: spec.Study) -> str:
+    if study.stages:
+        return "stages " + " -> ".join(f"{stage.name} ({stage.kind}{_stage_size(stage)})" for stage in study.stages)
+    if study.fidelity:
+        return f"ladder {' -> '.join(map(str, study.fidelity.rung_sizes()))} over {len(study.fidelity.levels)} levels"
+    return f"{study.max_trials} trials"
+
+
+def _stage_size(stage: spec.Stage) -> str:
+    if stage.kind in ("baseline", "validate"):
+        return f", {stage.seeds} seed{'s' if stage.seeds > 1 else ''}"
+    if stage.fidelity:
+        return f", ladder {' -> '.join(map(str, stage.fidelity.rung_sizes()))}"
+    return f", {stage.max_trials} trials"
+
+
+def _print_results(study: optuna.Study, console: Console) -> None:
+    """Stage results, proxy rank correlations and seed validation, as the study recorded them."""
+    metric = study.user_attrs.get(record.OBJECTIVE, "value")
+    for name, found in record.stages(study.user_attrs).items():
+        state = found.get("state", "Pending")
+        console.print(f"stage {name} ({found.get('kind', '?')}): {state}"
+                      + (f", {describe_result(found, metric)}" if state == "Succeeded" else ""), highlight=False)
+    for pair, found in study.user_attrs.get(record.CORRELATIONS, {}).items():
         warning = "  [red]ProxyUnreliable[/red]" if found["unreliable"] else ""
         console.print(f"proxy rank correlation {pair}: Spearman rho {found['rho']:.2f} over {found['pairs']} configurations{warning}")
-    validation = study.user_attrs.get(VALIDATION)
+    validation = study.user_attrs.get(record.VALIDATION)
     if validation and validation.get("mean") is not None:
-        metric = study.user_attrs.get("objective", "value")
         console.print(f"validation of trial {validation['trial']}: {metric} {validation['mean']:.4f} ± {validation['std']:.4f} "
                       f"over {len(validation['values'])} seeds")
 
@@ -158,7 +175,7 @@ class _Display:
     def __init__(self, console: Console, study: spec.Study):
         self.console = console
         self.study = study
-        self.engine: Engine | None = None
+        self.engine: Executor | None = None
         self.started = time.monotonic()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -169,7 +186,7 @@ class _Display:
         if event.kind in ("started", "level-done"):
             return
         style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red",
-                 "promoted": "cyan", "proxy-unreliable": "bold red"}.get(event.kind, "")
+                 "promoted": "cyan", "proxy-unreliable": "bold red", "stage-started": "bold", "stage-finished": "bold"}.get(event.kind, "")
         prefix = f"trial {event.number} " if event.number is not None else ""
         self.console.print(Text(f"{time.strftime('%H:%M:%S')} {prefix}{event.kind}: {event.message}", style=style))
 
@@ -178,7 +195,7 @@ class _Display:
         if self.engine is not None:
             counts = self.engine.counts()
             done = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
-            self.progress.update(self.task, completed=done, total=self.engine.budget.max_trials)
+            self.progress.update(self.task, completed=done, total=self.engine.scheduler.total_trials())
             best = self.engine.best_trial()
             best_text = f"best {self.study.objective.metric} {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
             line = Text(

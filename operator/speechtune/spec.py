@@ -121,6 +121,48 @@ class Storage:
     secret_key: str | None = None
 
 
+STAGE_KINDS = ("baseline", "search", "refine", "validate")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the production workflow (seed section 13): all stages share one Optuna study."""
+
+    name: str
+    kind: str  # baseline | search | refine | validate
+    max_trials: int = 0  # search and refine
+    sampler: Sampler | None = None  # None: spec.sampler for search, TPE for refine
+    pruner: Pruner | None = None  # None: spec.pruner
+    fidelity: Fidelity | None = None
+    search_space: tuple[Param, ...] = ()  # a region inside spec.searchSpace; empty: the whole space
+    fixed: dict[str, Any] = field(default_factory=dict)  # parameters held at these values
+    params: dict[str, Any] = field(default_factory=dict)  # baseline: the configuration (empty: the template's defaults)
+    seeds: int = 1  # baseline: runs with seeds 0..N-1; validate: reruns of the best with seeds 1..N
+    top_k: int = 5  # refine: the region is around the best top_k configurations so far
+    margin: float = 0.1  # refine: widen each range by this share of its full width on each side
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Start from another study (seed section 12): its best configurations, region, values or weights."""
+
+    study: str
+    storage: Storage = field(default_factory=Storage)  # empty: the study's own storage
+    top_k: int = 0  # enqueue the source's best top_k configurations first
+    narrow_top_k: int = 0  # search only around the source's best narrow_top_k (0: no narrowing)
+    margin: float = 0.1
+    fixed: tuple[str, ...] = ()  # parameters held at the source's best values
+    init_from: str | None = None  # "best": every run loads the source's best checkpoint
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Keep the best trials' final checkpoints, so the study can be a warm-start source."""
+
+    keep_best: int = 0
+    volume: str | None = None  # locally a directory, on a cluster a PVC name
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -136,6 +178,9 @@ class Study:
     namespace: str | None = None
     fidelity: Fidelity | None = None
     validation_seeds: int = 0
+    stages: tuple[Stage, ...] = ()
+    warm_start: WarmStart | None = None
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
 
 
 class _Loader(yaml.SafeLoader):
@@ -231,6 +276,7 @@ class _Checker:
 _SPEC_FIELDS = {
     "objective", "maxTrials", "parallelism", "maxFailedTrials", "sampler", "pruner",
     "searchSpace", "search_space", "trialTemplate", "storage", "fidelity", "validation",
+    "stages", "warmStart", "checkpoints",
 }
 FIDELITY_MODES = ("synchronous", "asynchronous")
 
@@ -252,25 +298,172 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
     fidelity = _parse_fidelity(spec.get("fidelity"), check) if "fidelity" in spec else None
     if fidelity is not None and pruner.type != "none":
         check.fail("spec.pruner.type", "must be none with spec.fidelity: the ladder decides which configurations continue")
+    stages = _parse_stages(spec["stages"], space, pruner, check) if "stages" in spec else ()
+    if stages and fidelity is not None:
+        check.fail("spec.fidelity", "give the ladder on the stage that uses it (spec.stages[i].fidelity), not with spec.stages")
+    warm_start = _parse_warm_start(spec["warmStart"], space, check) if "warmStart" in spec else None
+    checkpoints = _parse_checkpoints(check.mapping(spec.get("checkpoints"), "spec.checkpoints"), check)
     validation = check.mapping(spec.get("validation"), "spec.validation")
     check.unknown_keys(validation, "spec.validation", {"seeds"})
     seeds = check.integer(validation.get("seeds"), "spec.validation.seeds", default=0, minimum=0) or 0
-    if seeds and fidelity is None:
-        check.fail("spec.validation.seeds", "needs spec.fidelity: the best top-level configuration is retrained")
+    if seeds and stages:
+        check.fail("spec.validation.seeds", "with spec.stages, retrain the best with a stage of kind validate")
+    elif seeds and fidelity is None:
+        check.fail("spec.validation.seeds", "needs spec.fidelity (or a validate stage in spec.stages)")
     if sampler.type == "grid":
         for index, param in enumerate(space):
             if isinstance(param, FloatParam) and param.step is None:
                 check.fail(f"{space_path}[{index}].float", "the grid sampler needs a step (or a categorical) for every float parameter")
+    if stages:  # each stage has its own budget; spec.maxTrials is their sum
+        max_trials = sum(stage_trials(stage) for stage in stages)
     return Study(
         name=name, objective=objective, max_trials=max_trials or 1, parallelism=parallelism or 1,
         max_failed_trials=max_failed if max_failed is not None else 5, sampler=sampler, pruner=pruner,
         search_space=space, trial_template=template, storage=storage, namespace=namespace,
-        fidelity=fidelity, validation_seeds=seeds,
+        fidelity=fidelity, validation_seeds=seeds, stages=stages, warm_start=warm_start, checkpoints=checkpoints,
     )
 
 
-def _parse_fidelity(value: Any, check: _Checker) -> Fidelity | None:
-    path = "spec.fidelity"
+def stage_trials(stage: Stage) -> int:
+    """The trials a stage adds to the study (a validate stage reruns an existing one)."""
+    if stage.kind == "baseline":
+        return stage.seeds
+    if stage.kind == "validate":
+        return 0
+    return stage.fidelity.rung_sizes()[0] if stage.fidelity else stage.max_trials
+
+
+_STAGE_FIELDS = {
+    "baseline": {"name", "kind", "params", "seeds"},
+    "search": {"name", "kind", "maxTrials", "sampler", "pruner", "fidelity", "searchSpace", "fixed"},
+    "refine": {"name", "kind", "maxTrials", "sampler", "pruner", "fidelity", "fixed", "topK", "margin"},
+    "validate": {"name", "kind", "seeds"},
+}
+
+
+def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, check: _Checker) -> tuple[Stage, ...]:
+    if not isinstance(value, list) or not value:
+        check.fail("spec.stages", "must be a non-empty list of stages, e.g. [{name: coarse, kind: search, maxTrials: 20}]")
+        return ()
+    stages: list[Stage] = []
+    names: set[str] = set()
+    for index, raw in enumerate(value):
+        path = f"spec.stages[{index}]"
+        raw = check.mapping(raw, path)
+        name = raw.get("name")
+        if not isinstance(name, str) or not STUDY_NAME.match(name) or len(name) > 40:
+            check.fail(f"{path}.name", f"is required: lowercase letters, digits and '-', at most 40 characters, got {name!r}")
+            name = f"stage{index}"
+        elif name in names:
+            check.fail(f"{path}.name", f"duplicate stage name {name!r}")
+        names.add(name)
+        kind = raw.get("kind")
+        if kind not in STAGE_KINDS:
+            check.fail(f"{path}.kind", f"is required, one of: {', '.join(STAGE_KINDS)}; got {kind!r}")
+            continue
+        check.unknown_keys(raw, path, _STAGE_FIELDS[kind])
+        searching = kind in ("search", "refine")
+        if kind in ("validate", "refine") and not any(s.kind in ("baseline", "search", "refine") for s in stages):
+            what = "the best configuration so far" if kind == "validate" else "the top-k of the earlier stages"
+            check.fail(f"{path}.kind", f"a {kind} stage needs an earlier baseline, search or refine stage: it uses {what}")
+        fidelity = _parse_fidelity(raw["fidelity"], check, f"{path}.fidelity") if "fidelity" in raw else None
+        max_trials = 0
+        if searching and fidelity is None:
+            max_trials = check.integer(raw.get("maxTrials"), f"{path}.maxTrials", minimum=1) or 0
+            if "maxTrials" not in raw:
+                check.fail(f"{path}.maxTrials", f"is required for a {kind} stage: its trial budget")
+        elif searching and "maxTrials" in raw:
+            check.fail(f"{path}.maxTrials", "not with fidelity: the ladder's initialTrials is the stage's budget")
+        sampler = _parse_sampler(check.mapping(raw["sampler"], f"{path}.sampler"), check, f"{path}.sampler") if "sampler" in raw else None
+        pruner = _parse_pruner(check.mapping(raw["pruner"], f"{path}.pruner"), check, f"{path}.pruner") if "pruner" in raw else None
+        if fidelity is not None and (pruner or default_pruner).type != "none":
+            check.fail(f"{path}.pruner.type", "must be none with a ladder: the ladder decides which configurations continue")
+        region = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check) if "searchSpace" in raw else ()
+        _check_region(region, space, f"{path}.searchSpace", check)
+        fixed = check.mapping(raw.get("fixed"), f"{path}.fixed")
+        params = check.mapping(raw.get("params"), f"{path}.params")
+        for key, item in {**fixed, **params}.items():
+            where = f"{path}.fixed.{key}" if key in fixed else f"{path}.params.{key}"
+            if not isinstance(key, str) or not PARAM_NAME.match(key):
+                check.fail(where, "must be a parameter name (letters, digits, '_')")
+            elif not isinstance(item, (str, int, float, bool)):
+                check.fail(where, f"must be a string, number or boolean, got {item!r}")
+        seeds = check.integer(raw.get("seeds"), f"{path}.seeds", default=3 if kind == "validate" else 1, minimum=1) or 1
+        top_k = check.integer(raw.get("topK"), f"{path}.topK", default=5, minimum=1) or 5
+        margin = _fraction(raw.get("margin"), f"{path}.margin", check)
+        stages.append(Stage(name=name, kind=kind, max_trials=max_trials, sampler=sampler, pruner=pruner, fidelity=fidelity,
+                            search_space=region, fixed=dict(fixed), params=dict(params), seeds=seeds, top_k=top_k, margin=margin))
+    return tuple(stages)
+
+
+def _fraction(value: Any, path: str, check: _Checker, default: float = 0.1) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        check.fail(path, f"must be a number in [0, 1] (a share of each range's width), got {value!r}")
+        return default
+    return float(value)
+
+
+def _check_region(region: tuple[Param, ...], space: tuple[Param, ...], path: str, check: _Checker) -> None:
+    """A stage's searchSpace narrows spec.searchSpace: same names and kinds, ranges and choices inside."""
+    full = {param.name: param for param in space}
+    for index, param in enumerate(region):
+        where = f"{path}[{index}]"
+        outer = full.get(param.name)
+        if outer is None:
+            check.fail(f"{where}.name", f"{param.name!r} is not in spec.searchSpace; a stage narrows that space, it cannot add to it")
+        elif type(outer) is not type(param):
+            check.fail(where, f"{param.name!r} must keep its kind from spec.searchSpace")
+        elif isinstance(param, CategoricalParam):
+            extra = [choice for choice in param.choices if choice not in outer.choices]
+            if extra:
+                check.fail(f"{where}.categorical", f"choices {extra!r} are not in spec.searchSpace's {list(outer.choices)!r}")
+        elif param.low < outer.low or param.high > outer.high:
+            check.fail(where, f"range [{param.low:g}, {param.high:g}] must lie inside spec.searchSpace's [{outer.low:g}, {outer.high:g}]")
+
+
+def _parse_warm_start(value: Any, space: tuple[Param, ...], check: _Checker) -> WarmStart | None:
+    path = "spec.warmStart"
+    value = check.mapping(value, path)
+    check.unknown_keys(value, path, {"study", "storage", "topK", "narrow", "fixed", "initFrom"})
+    study = value.get("study")
+    if not isinstance(study, str) or not study:
+        check.fail(f"{path}.study", "is required: the name of the source study")
+        study = ""
+    storage = _parse_storage(check.mapping(value.get("storage"), f"{path}.storage"), check, f"{path}.storage")
+    top_k = check.integer(value.get("topK"), f"{path}.topK", default=0, minimum=0) or 0
+    narrow_top_k, margin = 0, 0.1
+    if "narrow" in value:
+        narrow = check.mapping(value["narrow"], f"{path}.narrow")
+        check.unknown_keys(narrow, f"{path}.narrow", {"topK", "margin"})
+        narrow_top_k = check.integer(narrow.get("topK"), f"{path}.narrow.topK", default=5, minimum=1) or 5
+        margin = _fraction(narrow.get("margin"), f"{path}.narrow.margin", check)
+    fixed = value.get("fixed", [])
+    if not isinstance(fixed, list) or not all(isinstance(name, str) and PARAM_NAME.match(name) for name in fixed):
+        check.fail(f"{path}.fixed", "must be a list of parameter names, e.g. [encoder, num_layers, d_model]")
+        fixed = []
+    init_from = value.get("initFrom")
+    if init_from is not None and init_from != "best":
+        check.fail(f"{path}.initFrom", f"unknown value {init_from!r}; expected: best (the source's best checkpoint)")
+        init_from = None
+    if not (top_k or narrow_top_k or fixed or init_from):
+        check.fail(path, "does nothing: give topK, narrow, fixed or initFrom")
+    return WarmStart(study=study, storage=storage, top_k=top_k, narrow_top_k=narrow_top_k, margin=margin,
+                     fixed=tuple(fixed), init_from=init_from)
+
+
+def _parse_checkpoints(value: dict, check: _Checker) -> Checkpoints:
+    path = "spec.checkpoints"
+    check.unknown_keys(value, path, {"keepBest", "volume"})
+    volume = value.get("volume")
+    if volume is not None and not isinstance(volume, str):
+        check.fail(f"{path}.volume", "must be a directory (locally) or a PVC name (on a cluster)")
+        volume = None
+    return Checkpoints(keep_best=check.integer(value.get("keepBest"), f"{path}.keepBest", default=0, minimum=0) or 0, volume=volume)
+
+
+def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") -> Fidelity | None:
     value = check.mapping(value, path)
     check.unknown_keys(value, path, {"levels", "reductionFactor", "initialTrials", "mode", "resumeFromCheckpoint",
                                      "correlationWarning", "checkpointVolume"})
@@ -330,17 +523,16 @@ def _parse_objective(value: dict, check: _Checker) -> Objective:
     return Objective(metric=metric, direction=direction)
 
 
-def _parse_sampler(value: dict, check: _Checker) -> Sampler:
-    check.unknown_keys(value, "spec.sampler", {"type", "seed", "startupTrials"})
+def _parse_sampler(value: dict, check: _Checker, path: str = "spec.sampler") -> Sampler:
+    check.unknown_keys(value, path, {"type", "seed", "startupTrials"})
     return Sampler(
-        type=check.choice(value.get("type"), "spec.sampler.type", SAMPLERS, "tpe"),
-        seed=check.integer(value.get("seed"), "spec.sampler.seed", minimum=0),
-        startup_trials=check.integer(value.get("startupTrials"), "spec.sampler.startupTrials", default=10, minimum=0),
+        type=check.choice(value.get("type"), f"{path}.type", SAMPLERS, "tpe"),
+        seed=check.integer(value.get("seed"), f"{path}.seed", minimum=0),
+        startup_trials=check.integer(value.get("startupTrials"), f"{path}.startupTrials", default=10, minimum=0),
     )
 
 
-def _parse_pruner(value: dict, check: _Checker) -> Pruner:
-    path = "spec.pruner"
+def _parse_pruner(value: dict, check: _Checker, path: str = "spec.pruner") -> Pruner:
     check.unknown_keys(value, path, {"type", "minResource", "maxResource", "reductionFactor", "startupTrials", "warmupSteps"})
     pruner = Pruner(
         type=check.choice(value.get("type"), f"{path}.type", PRUNERS, "none"),
@@ -464,8 +656,7 @@ def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     )
 
 
-def _parse_storage(value: dict, check: _Checker) -> Storage:
-    path = "spec.storage"
+def _parse_storage(value: dict, check: _Checker, path: str = "spec.storage") -> Storage:
     check.unknown_keys(value, path, {"url", "secretRef"})
     url = value.get("url")
     if url is not None and (not isinstance(url, str) or "://" not in url):

@@ -14,7 +14,8 @@ import pytest
 from optuna.trial import TrialState
 
 from speechtune import fake_trainer, spec
-from speechtune.engine import FAIL_REASON, INTERRUPTED, Engine
+from speechtune.executor import Executor
+from speechtune.record import FAIL_REASON, INTERRUPTED
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 from tests.support.studies import wait_for_trials
@@ -45,7 +46,7 @@ def make_study(tmp_path, *, args=("--epochs", "9"), max_trials=8, parallelism=2,
 def run_engine(study, tmp_path, backend=None):
     storage = WriteThroughStorage(open_rdb(study.storage.url))
     events = []
-    engine = Engine(study, storage, backend or LocalProcessBackend(tmp_path / "logs"), notify=events.append)
+    engine = Executor(study, storage, backend or LocalProcessBackend(tmp_path / "logs"), notify=events.append)
     outcome = asyncio.run(engine.run())
     return engine, outcome, events
 
@@ -107,7 +108,7 @@ def test_parallelism_is_honoured(tmp_path):
 def test_budget_change_takes_effect_while_running(tmp_path):
     study = make_study(tmp_path, args=("--epochs", "2", "--sleep", "0.2"), max_trials=20, parallelism=2)
     storage = WriteThroughStorage(open_rdb(study.storage.url))
-    engine = Engine(study, storage, LocalProcessBackend(tmp_path / "logs"))
+    engine = Executor(study, storage, LocalProcessBackend(tmp_path / "logs"))
 
     async def run_and_shrink():
         task = asyncio.create_task(engine.run())

@@ -14,7 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from speechtune import spec
-from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine, chain_start, spearman
+from speechtune.executor import Executor
+from speechtune.record import CORRELATIONS, VALIDATION
+from speechtune.schedulers.ladder import chain_start, spearman
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 from tests.support.studies import wait_for_trials
@@ -77,7 +79,7 @@ def run_ladder(tmp_path, manifest):
     study = spec.parse_study(manifest)
     backend = CountingBackend(tmp_path / "logs")
     events = []
-    engine = LadderEngine(study, WriteThroughStorage(open_rdb(study.storage.url)), backend, notify=events.append,
+    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend, notify=events.append,
                           checkpoint_root=tmp_path / "checkpoints")
     outcome = asyncio.run(engine.run())
     return engine, backend, outcome, events

@@ -8,8 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from speechtune import metrics, spec
-from speechtune.engine import Engine
-from speechtune.ladder import LadderEngine
+from speechtune.executor import Executor
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 from tests.speechtune.k8s.helpers import REPO
@@ -36,7 +35,7 @@ def test_gpu_seconds_grow_while_a_trial_runs_and_total_gpus_times_run_time(tmp_p
     before = gpu_seconds("gpu-metered")
 
     async def run() -> tuple[float, float]:
-        engine = Engine(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"))
+        engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"))
         began = time.monotonic()
         task = asyncio.create_task(engine.run())
         while gpu_seconds("gpu-metered") == before:  # the first epoch's value, long before the trials end
@@ -57,7 +56,7 @@ def test_counters_the_dashboard_rates_exist_at_zero_as_soon_as_a_study_starts(tm
     that created its series would never show as a rate."""
     study = spec.load_study(REPO / "examples" / "fake-ladder.yaml")
     study = replace(study, name="zero-start", storage=replace(study.storage, url=f"sqlite:///{tmp_path}/z.db"))
-    LadderEngine(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"))
+    Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"))
     labels = {"namespace": "local", "study": "zero-start"}
     assert REGISTRY.get_sample_value("speechtune_pruned_total", labels) == 0
     for rung in ("medium", "high"):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from speechtune import spec
-from speechtune.ladder import LadderEngine
+from speechtune.executor import Executor
 from speechtune.local import LocalProcessBackend
 from speechtune.protocol import parse_line
 from speechtune.storage import WriteThroughStorage, open_rdb
@@ -35,7 +35,7 @@ def test_promoted_run_that_only_adds_epochs_continues_from_the_checkpoint(tmp_pa
             "storage": {"url": f"sqlite:///{tmp_path}/ladder.db"},
         },
     })
-    engine = LadderEngine(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"),
+    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), LocalProcessBackend(tmp_path / "logs"),
                           checkpoint_root=tmp_path / "checkpoints")
     outcome = asyncio.run(engine.run())
     assert outcome.state == "Succeeded", outcome.message

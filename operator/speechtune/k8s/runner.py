@@ -25,13 +25,14 @@ from typing import Any
 import aiohttp
 import optuna
 
-from speechtune import spec
-from speechtune.engine import Engine, Event
+from speechtune import record, spec
+from speechtune.executor import Event, Executor
 from speechtune.k8s import metrics, retention, status, studyspec
 from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.backend import KubernetesJobBackend
 from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, checkpoint_root, trial_name
-from speechtune.ladder import CORRELATIONS, VALIDATION, LadderEngine
+from speechtune.schedulers.ladder import Ladder
+from speechtune.schedulers.stages import Stages
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,16 @@ async def storage_url(api: Api, namespace: str, storage: spec.Storage) -> str:
     return url
 
 
+async def warm_start_url(api: Api, namespace: str, study: spec.Study, own_url: str) -> str | None:
+    """The warm-start source's storage: spec.warmStart.storage, else the study's own (None)."""
+    if study.warm_start is None or not (study.warm_start.storage.url or study.warm_start.storage.secret_name):
+        return None
+    try:
+        return await storage_url(api, namespace, study.warm_start.storage)
+    except StorageProblem as problem:
+        raise spec.SpecError([(str(problem).split(":")[0].replace("spec.storage", "spec.warmStart.storage"), str(problem))]) from None
+
+
 class StudyRunner:
     """Runs one SpeechTuningStudy until it is deleted or the operator stops."""
 
@@ -123,7 +134,10 @@ class StudyRunner:
                 await stopped.wait(RETRY_SECONDS)
                 continue
             try:
-                await self._run_engine(study, options, storage, stopped)
+                await self._run_engine(study, options, storage, url, stopped)
+            except spec.SpecError as error:  # found only with the storage: a bad warm-start source
+                await self._set_state("Failed", "InvalidSpec", str(error).replace("\n", "; "), generation)
+                await self._until_changed(generation, stopped)
             except (StorageUnavailable, ApiError, aiohttp.ClientError, asyncio.TimeoutError,
                     optuna.exceptions.OptunaError) as error:
                 log.warning("study %s/%s: %s; retrying in %.0f s", self.namespace, self.name, error, RETRY_SECONDS)
@@ -133,14 +147,16 @@ class StudyRunner:
                 storage.rdb.engine.dispose()
 
     async def _run_engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
-                          stopped: Any) -> None:
+                          url: str, stopped: Any) -> None:
         owner = Owner(API_VERSION, STUDY_KIND, self.name, self.body["metadata"]["uid"])
         job = dataclasses.replace(options.job, service_account=os.environ.get(TRIAL_SERVICE_ACCOUNT_ENV) or None)
         backend = KubernetesJobBackend(self.api, self.namespace, owner, job, options.pending_timeout_seconds)
         await backend.start()
         self._settled.clear()
         try:
-            engine = await asyncio.to_thread(self._engine, study, options, storage, backend)
+            warm_url = await warm_start_url(self.api, self.namespace, study, url)
+            study = await self._resolve_source(study)
+            engine = await asyncio.to_thread(self._engine, study, options, storage, backend, warm_url)
             engine.update_budget(**studyspec.budget(_snapshot(self.body)))
             generation = self._generation()
             shape = studyspec.without_budget(_snapshot(self.body))
@@ -170,24 +186,33 @@ class StudyRunner:
         await self._until_changed(generation, stopped)  # done: a bigger budget starts it again
 
     def _engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
-                backend: KubernetesJobBackend) -> Engine:
-        """The study loop; with spec.fidelity the ladder's, its checkpoints on the claim every trial Job mounts."""
-        common = dict(study_name=self.optuna_name, namespace=self.namespace, notify=self._notify)
-        if study.fidelity is None:
-            return Engine(study, storage, backend, **common)
-        return LadderEngine(study, storage, backend, checkpoint_root=checkpoint_root(options.job, self.optuna_name), **common)
+                backend: KubernetesJobBackend, warm_start_url: str | None) -> Executor:
+        """The study loop; checkpoints (ladder resume, spec.checkpoints) on the claim every trial Job mounts."""
+        return Executor(study, storage, backend, study_name=self.optuna_name, namespace=self.namespace, notify=self._notify,
+                        checkpoint_root=checkpoint_root(options.job, self.optuna_name), checkpoint_files_here=False,
+                        warm_start_url=warm_start_url)
+
+    async def _resolve_source(self, study: spec.Study) -> spec.Study:
+        """spec.warmStart.study may name a SpeechTuningStudy of this namespace: its Optuna study is then the source."""
+        if study.warm_start is None:
+            return study
+        source = await self.api.get(path("speechtuningstudies", self.namespace, study.warm_start.study))
+        optuna_name = ((source or {}).get("status") or {}).get("optunaStudy")
+        if not optuna_name:
+            return study
+        return dataclasses.replace(study, warm_start=dataclasses.replace(study.warm_start, study=optuna_name))
 
     # -- status -----------------------------------------------------------------------
-    async def _sync(self, engine: Engine, backend: KubernetesJobBackend, state: str, reason: str, message: str, generation: int) -> None:
+    async def _sync(self, engine: Executor, backend: KubernetesJobBackend, state: str, reason: str, message: str, generation: int) -> None:
         began = time.perf_counter()
         direction = engine.spec.objective.direction
-        level_names = tuple(level.name for level in engine.spec.fidelity.levels) if engine.spec.fidelity else ()
+        level_names = _level_names(engine.spec)
         trials = engine.trials()
         patches = []
         for trial in trials:
             if trial.number in self._settled or trial.number not in backend.trial_uids:
                 continue
-            desired = status.trial_status(trial, direction, level_names)
+            desired = status.trial_status(trial, direction, level_names.get(trial.user_attrs.get(record.STAGE), ()))
             if desired != backend.trial_status.get(trial.number):
                 patches.append((trial.number, desired))
             elif trial.state.is_finished():
@@ -206,18 +231,22 @@ class StudyRunner:
             await self.api.delete(path("speechtuningtrials", self.namespace, backend_trial_name(backend, number)))
             backend.trial_uids.pop(number, None)
             backend.trial_status.pop(number, None)
-        ladder: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         extra_conditions = []
-        if isinstance(engine, LadderEngine):
-            attrs = engine.study.user_attrs
-            ladder["fidelity"] = status.fidelity_status(engine.rungs(), attrs.get(CORRELATIONS, {}), level_names)
-            validation = status.validation_status(attrs.get(VALIDATION))
-            if validation is not None:
-                ladder["validation"] = validation
-            extra_conditions.append(status.proxy_condition(ladder["fidelity"]["correlations"],
-                                                           engine.fidelity.correlation_warning, generation))
+        attrs = engine.study.user_attrs
+        scheduler = engine.scheduler.current if isinstance(engine.scheduler, Stages) else engine.scheduler
+        if isinstance(scheduler, Ladder):
+            names = tuple(level.name for level in scheduler.fidelity.levels)
+            extra["fidelity"] = status.fidelity_status(scheduler.rungs(), attrs.get(record.CORRELATIONS, {}), names)
+            extra_conditions.append(status.proxy_condition(extra["fidelity"]["correlations"],
+                                                           scheduler.fidelity.correlation_warning, generation))
+        validation = status.validation_status(attrs.get(record.VALIDATION))
+        if validation is not None:
+            extra["validation"] = validation
+        if engine.spec.stages:
+            extra["stages"] = status.stages_status(engine.spec.stages, record.stages(attrs))
         await self._set_state(state, reason, message, generation, counts=status.trial_counts(engine.counts()),
-                              best=status.best_trial(engine.best_trial()), extra=ladder, extra_conditions=extra_conditions)
+                              best=status.best_trial(engine.best_trial()), extra=extra, extra_conditions=extra_conditions)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - began)
 
     async def _set_state(self, state: str, reason: str, message: str, generation: int, *,
@@ -250,6 +279,14 @@ class StudyRunner:
     async def _until_changed(self, generation: int, stopped: Any) -> None:
         while not stopped and self._generation() == generation:
             await stopped.wait(1.0)
+
+
+def _level_names(study: spec.Study) -> dict[str | None, tuple[str, ...]]:
+    """Each stage's ladder level names (key None: a study without stages)."""
+    names = {stage.name: tuple(level.name for level in stage.fidelity.levels) for stage in study.stages if stage.fidelity}
+    if study.fidelity:
+        names[None] = tuple(level.name for level in study.fidelity.levels)
+    return names
 
 
 def backend_trial_name(backend: KubernetesJobBackend, number: int) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from speechtune.engine import FAIL_REASON
-from speechtune.ladder import LEVEL, MIN_PAIRS
+from speechtune.record import FAIL_MESSAGE, FAIL_REASON, LEVEL, STAGE
+from speechtune.schedulers.ladder import MIN_PAIRS
 
 STATES = {
     TrialState.WAITING: "Waiting", TrialState.RUNNING: "Running", TrialState.COMPLETE: "Complete",
@@ -57,7 +57,7 @@ def trial_status(trial: FrozenTrial, direction: str, level_names: tuple[str, ...
         status.update(rung=rung, level=level_names[rung])
     if trial.state == TrialState.FAIL:
         status["reason"] = trial.user_attrs.get(FAIL_REASON, "Failed")
-        status["message"] = trial.user_attrs.get("fail_message", "")
+        status["message"] = trial.user_attrs.get(FAIL_MESSAGE, "")
     elif trial.state == TrialState.PRUNED and rung is not None:
         status["message"] = f"not promoted past level {level_names[rung]}"
     elif trial.state == TrialState.PRUNED:
@@ -66,7 +66,7 @@ def trial_status(trial: FrozenTrial, direction: str, level_names: tuple[str, ...
 
 
 def trial_counts(counts: dict[str, int]) -> dict[str, int]:
-    """The study's status.trials from Engine.counts()."""
+    """The study's status.trials from Executor.counts()."""
     return {
         "total": sum(count for state, count in counts.items() if state in TrialState.__members__),
         "running": counts.get("RUNNING", 0),
@@ -111,6 +111,23 @@ def proxy_condition(correlations: list[dict[str, Any]], warning: float, generati
                          "; ".join(map(describe, judged)) + f", at least correlationWarning {warning}", generation)
     return {**condition("ProxyUnreliable", False, "TooFewPairs",
                         f"no two adjacent levels share {MIN_PAIRS} configurations yet", generation), "status": "Unknown"}
+
+
+def stages_status(stages: tuple, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """status.stages: each stage's kind, state (Pending, Running, Succeeded) and result so far."""
+    result = []
+    for stage in stages:
+        found = records.get(stage.name, {})
+        entry: dict[str, Any] = {"name": stage.name, "kind": stage.kind, "state": found.get("state", "Pending")}
+        for key in ("trials", "complete", "costSeconds", "mean", "std", "seeds"):
+            if found.get(key) is not None:
+                entry[key] = found[key]
+        if found.get("best"):
+            entry["bestTrial"], entry["bestValue"] = found["best"]["number"], found["best"]["value"]
+        if found.get("region"):
+            entry["region"] = {name: [str(v) for v in values] for name, values in found["region"].items()}
+        result.append(entry)
+    return result
 
 
 def validation_status(record: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -54,11 +54,27 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
         problems.extend(error.problems)
     if not options.job.image:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
+    claims = checkpoint_claims(study) if not problems else {}
+    if len(set(claims.values())) > 1:
+        problems.append((sorted(claims)[-1], f"every checkpoint volume of a study must be one PVC; got {claims}"))
     if problems:
         raise spec.SpecError(problems)
-    if study.fidelity is not None and study.fidelity.checkpoint_volume:
-        options = replace(options, job=replace(options.job, checkpoint_claim=study.fidelity.checkpoint_volume))
+    if claims:
+        options = replace(options, job=replace(options.job, checkpoint_claim=next(iter(claims.values()))))
     return study, options
+
+
+def checkpoint_claims(study: spec.Study) -> dict[str, str]:
+    """The PVC each field names, by field path: every trial Job of the study mounts the one PVC."""
+    claims = {}
+    if study.checkpoints.volume:
+        claims["spec.checkpoints.volume"] = study.checkpoints.volume
+    if study.fidelity and study.fidelity.checkpoint_volume:
+        claims["spec.fidelity.checkpointVolume"] = study.fidelity.checkpoint_volume
+    for index, stage in enumerate(study.stages):
+        if stage.fidelity and stage.fidelity.checkpoint_volume:
+            claims[f"spec.stages[{index}].fidelity.checkpointVolume"] = stage.fidelity.checkpoint_volume
+    return claims
 
 
 def budget(body: dict[str, Any]) -> dict[str, Any]:

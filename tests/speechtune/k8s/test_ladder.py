@@ -16,7 +16,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from speechtune.ladder import spearman
+from speechtune.schedulers.ladder import spearman
 from tests.speechtune.k8s.helpers import (
     stop_operator,
     REPO, delete_studies, free_port, get_json, healthy, operator_running, start_operator,

@@ -20,7 +20,7 @@ from speechtune.fake_trainer import InProcessBackend
 from speechtune.k8s.manifests import (
     JobOptions, Owner, build_job, build_trial, checkpoint_root, job_name, rung_patch, trial_name,
 )
-from speechtune.ladder import LadderEngine
+from speechtune.executor import Executor
 from speechtune.storage import WriteThroughStorage, open_rdb
 
 STUDY = Owner("speechtune.io/v1alpha1", "SpeechTuningStudy", "digits", "uid-study")
@@ -291,7 +291,7 @@ def test_ladder_level_jobs_mount_the_checkpoint_claim_and_point_the_trainer_into
     assert options.job.checkpoint_claim == "ckpt"
     root = checkpoint_root(options.job, "ns.digits.abc")
     backend = RecordingBackend()
-    engine = LadderEngine(study, WriteThroughStorage(open_rdb(f"sqlite:///{tmp_path}/ladder.db")), backend,
+    engine = Executor(study, WriteThroughStorage(open_rdb(f"sqlite:///{tmp_path}/ladder.db")), backend,
                           study_name="ns.digits.abc", checkpoint_root=root)
     assert asyncio.run(engine.run()).state == "Succeeded"
     jobs = [build_job(Owner("speechtune.io/v1alpha1", "SpeechTuningTrial", trial_name("digits", launch.number), "uid"),

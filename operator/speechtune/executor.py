@@ -1,0 +1,383 @@
+"""The study loop: start what the scheduler asks for, follow it, record how it ended.
+
+The executor is free of Kubernetes and of policy. It keeps ``parallelism`` runs going
+through a backend, turns protocol lines into values for the scheduler, and records every
+ending in Optuna storage (the system of record) *before* it stops a run, so a new executor
+on the same storage continues the study. What runs next, and what a value means, is the
+scheduler's business (``speechtune.schedulers``): plain search, the fidelity ladder, stages.
+
+Recovery policy, for trials left RUNNING by an executor that died: if the backend can
+re-attach (a Kubernetes Job still exists), the run is followed again and its output re-read
+from the start; values already stored are skipped. Otherwise, after the backend's
+``recovery_grace_seconds`` (a Job create sent just before the death can land late) and one
+more look, the scheduler decides: plain search records the trial FAIL with reason
+``interrupted`` (not counted toward ``maxFailedTrials``) and queues its configuration again
+inside ``maxTrials``; the ladder runs the level again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune import metrics, record, spec
+from speechtune.backend import Backend, TrialRun
+from speechtune.local import LaunchError
+from speechtune.protocol import parse_line
+from speechtune.storage import WriteThroughStorage
+
+if TYPE_CHECKING:
+    from speechtune.schedulers import Run, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a person would want to know: started, pruned, completed, failed, promoted, stage-started, ..."""
+
+    kind: str
+    number: int | None = None
+    message: str = ""
+    value: float | None = None
+
+
+@dataclass
+class Budget:
+    """The limits that may change while a study runs."""
+
+    max_trials: int
+    parallelism: int
+    max_failed_trials: int
+
+
+@dataclass
+class Outcome:
+    """How the study loop ended."""
+
+    state: str  # Succeeded | Failed
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class TrialFailed(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Executor:
+    """Runs one study to its end with the scheduler ``speechtune.schedulers.build`` picks for its spec."""
+
+    def __init__(
+        self,
+        study: spec.Study,
+        storage: WriteThroughStorage,
+        backend: Backend,
+        *,
+        study_name: str | None = None,
+        namespace: str = "local",
+        notify: Callable[[Event], None] | None = None,
+        checkpoint_root: PurePath | None = None,
+        checkpoint_files_here: bool = True,
+        warm_start_url: str | None = None,
+    ):
+        from speechtune import schedulers
+
+        self.spec = study
+        self.storage = storage
+        self.backend = backend
+        self.budget = Budget(study.max_trials, study.parallelism, study.max_failed_trials)
+        self.study_name = study_name or study.name
+        self.labels = {"namespace": namespace, "study": self.study_name}
+        self.checkpoint_root = checkpoint_root  # where runs keep checkpoints (ladder resume, spec.checkpoints)
+        self.checkpoint_files_here = checkpoint_files_here  # False on a cluster: the files are on a PVC, not here
+        self.warm_start_url = warm_start_url or (study.warm_start.storage.url if study.warm_start else None)
+        self._notify = notify or (lambda event: None)
+        self.objective = study.objective.metric
+        self.gpus = metrics.requested_gpus(study.trial_template.resources)  # per run, for speechtune_gpu_seconds
+        metrics.PRUNED.labels(**self.labels)  # at 0 at once: rate() ignores the value a series first appears with
+        self.study = optuna.create_study(
+            study_name=self.study_name, storage=storage, load_if_exists=True,
+            direction=study.objective.direction,
+        )
+        if self.study.user_attrs.get(record.OBJECTIVE) != self.objective:
+            self.study.set_user_attr(record.OBJECTIVE, self.objective)  # so `speechtune status` can label the value
+        self._running: dict[int, asyncio.Task] = {}  # by run key: one task per run going on
+        self._runs: dict[int, Run] = {}
+        self._trial_runs: dict[int, int] = {}  # trial number -> runs of it going on
+        self._wake = asyncio.Event()
+        self._failed_message = ""
+        self.scheduler: Scheduler = schedulers.build(self)
+
+    # -- public -------------------------------------------------------------
+    def update_budget(self, max_trials: int | None = None, parallelism: int | None = None, max_failed_trials: int | None = None) -> None:
+        """Change the budget of a running study; the loop applies it at once."""
+        self.budget = replace(
+            self.budget,
+            **{k: v for k, v in dict(max_trials=max_trials, parallelism=parallelism, max_failed_trials=max_failed_trials).items() if v is not None},
+        )
+        self._wake.set()
+
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def counts(self) -> dict[str, int]:
+        """Trials per state (RUNNING, COMPLETE, PRUNED, FAIL, WAITING), from the storage's counters."""
+        return {state.name: count for state, count in self.storage.state_counts(self.study._study_id).items()}
+
+    def best_trial(self) -> FrozenTrial | None:
+        try:
+            return self.study.best_trial
+        except ValueError:
+            return None
+
+    def is_running(self, number: int) -> bool:
+        """Whether a run of this trial is going on now (in this executor)."""
+        return self._trial_runs.get(number, 0) > 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._failed_message)
+
+    async def run(self) -> Outcome:
+        """Run the study to its end; return Succeeded or Failed with a message."""
+        self.scheduler.prepare()
+        await self._recover()
+        self._publish_counts()
+        while True:
+            self._wake.clear()
+            if self._failed_message:  # stop the runs still going; their tasks record why
+                await asyncio.gather(*(run.handle.stop() for run in list(self._runs.values()) if run.handle is not None))
+            while not self._failed_message and len(self._running) < self.budget.parallelism:
+                run = self.scheduler.next_run()
+                if run is None:
+                    break
+                await self._launch(run)
+            if not self._running:
+                break  # nothing going on and nothing to start: the study is over
+            woken = asyncio.ensure_future(self._wake.wait())
+            done, _ = await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            for task in done:  # a run task that raised (e.g. StorageUnavailable) stops the study
+                if task is not woken and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+        counts = self.counts()
+        if self._failed_message:
+            self._notify(Event("study-failed", message=self._failed_message))
+            return Outcome("Failed", self._failed_message, counts)
+        best = self.best_trial()
+        message = f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        if best is not None:
+            message += f"; best {self.objective} {best.value:.4g} (trial {best.number})"
+        self._notify(Event("study-succeeded", message=message))
+        return Outcome("Succeeded", message, counts)
+
+    # -- what schedulers call to record -------------------------------------------
+    def notify(self, event: Event) -> None:
+        self._notify(event)
+
+    def complete(self, trial: optuna.Trial | int, value: float, message: str, started: float,
+                 attrs: dict[str, Any] | None = None) -> None:
+        """Tell Optuna a trial is COMPLETE with ``value``, with ``attrs`` in the same commit."""
+        number = trial if isinstance(trial, int) else trial.number
+        with self.storage.batch():
+            self._set_attrs(trial, attrs)
+            self.study.tell(trial, value)
+        self._notify(Event("completed", number, message, value))
+        self._publish_best()
+        self.finish_metrics("COMPLETE", started)
+
+    def prune(self, trial: optuna.Trial | int, message: str, value: float | None, started: float,
+              attrs: dict[str, Any] | None = None) -> None:
+        """Tell Optuna a trial is PRUNED (its value is its last reported one), with ``attrs`` in the same commit."""
+        number = trial if isinstance(trial, int) else trial.number
+        with self.storage.batch():
+            self._set_attrs(trial, attrs)
+            self.study.tell(trial, state=TrialState.PRUNED)
+        metrics.PRUNED.labels(**self.labels).inc()
+        self._notify(Event("pruned", number, message, value))
+        self.finish_metrics("PRUNED", started)
+
+    def _set_attrs(self, trial: optuna.Trial | int, attrs: dict[str, Any] | None) -> None:
+        if attrs:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial) if isinstance(trial, int) else trial._trial_id
+            for key, value in attrs.items():
+                self.storage.set_trial_user_attr(trial_id, key, value)
+
+    def fail(self, number: int, trial_id: int, reason: str, message: str) -> None:
+        """Record a trial FAIL with why; a real failure counts toward maxFailedTrials."""
+        with self.storage.batch():
+            self.storage.set_trial_user_attr(trial_id, record.FAIL_REASON, reason)
+            self.storage.set_trial_user_attr(trial_id, record.FAIL_MESSAGE, message)
+            self.study.tell(number, state=TrialState.FAIL)
+        if reason == record.INTERRUPTED:
+            return
+        self._notify(Event("failed", number, f"{reason}: {message}"))
+        failures = self.real_failures()
+        if failures >= self.budget.max_failed_trials and not self._failed_message:
+            self._failed_message = (
+                f"{failures} trials failed, reaching spec.maxFailedTrials={self.budget.max_failed_trials}; "
+                f"last failure, trial {number}: {reason}: {message}"
+            )
+            self._wake.set()
+
+    def real_failures(self) -> int:
+        return sum(1 for t in self.trials((TrialState.FAIL,)) if not record.is_interrupted(t))
+
+    def finish_metrics(self, state: str, started: float) -> None:
+        metrics.TRIALS_FINISHED.labels(**self.labels, state=state).inc()
+        metrics.TRIAL_DURATION.labels(**self.labels, state=state).observe(max(0.0, time.time() - started))
+        self._publish_counts()
+
+    # -- running ------------------------------------------------------------------
+    async def _launch(self, run: Run) -> None:
+        """Start one run and follow it; a command that cannot start fails the run."""
+        try:
+            handle = await self.backend.launch(run.launch)
+        except LaunchError as exc:
+            run.scheduler.on_failure(run, TrialFailed("LaunchError", str(exc)))
+            return
+        if run.announce:
+            self._notify(Event("started", run.trial.number, run.description))
+        self._follow(run, handle)
+
+    def _follow(self, run: Run, handle: TrialRun) -> None:
+        """Supervise a run in its own task."""
+        run.handle = handle
+        key = id(run)
+        task = asyncio.create_task(self._supervise(run), name=run.launch.run_name)
+        self._running[key] = task
+        self._runs[key] = run
+        number = run.trial.number
+        self._trial_runs[number] = self._trial_runs.get(number, 0) + 1
+
+        def forget(_: asyncio.Task) -> None:
+            self._running.pop(key, None)
+            self._runs.pop(key, None)
+            self._trial_runs[number] -= 1
+
+        task.add_done_callback(forget)
+        self._publish_counts()
+
+    async def _supervise(self, run: Run) -> None:
+        """Follow a run to its end. Its ending is recorded first, then the run is stopped: a
+        runner killed in between must not find a trial RUNNING without its run, and call a
+        trial that ran "interrupted"."""
+        assert run.handle is not None
+        try:
+            result = await follow_output(run.handle, self.objective, lambda step, value: run.scheduler.on_value(run, step, value),
+                                         self.labels, gpus=self.gpus)
+        except TrialFailed as failure:
+            if self._failed_message:  # stopped by us, because the study failed
+                failure = TrialFailed("StudyFailed", "stopped because the study failed")
+            run.scheduler.on_failure(run, failure)
+            await run.handle.stop()
+            return
+        run.scheduler.on_result(run, result)
+        if result.stopped:
+            await run.handle.stop()
+
+    async def _recover(self) -> None:
+        """Follow again the runs an earlier executor left going; the scheduler decides about the lost ones."""
+        candidates = [run for frozen in self.trials((TrialState.RUNNING,)) if (run := self.scheduler.resume(frozen)) is not None]
+        lost = [run for run in candidates if not await self._reattach(run)]
+        if lost and self.backend.recovery_grace_seconds:
+            await asyncio.sleep(self.backend.recovery_grace_seconds)  # a launch still in flight may land
+            lost = [run for run in lost if not await self._reattach(run)]
+        for run in lost:
+            run.scheduler.lost(self.storage.get_trial(run.trial._trial_id))
+
+    async def _reattach(self, run: Run) -> bool:
+        handle = await self.backend.attach(self.study_name, run.trial.number, run.launch.attempt)
+        if handle is not None:
+            self._follow(run, handle)
+        return handle is not None
+
+    def _publish_counts(self) -> None:
+        for state, count in self.counts().items():
+            metrics.TRIALS.labels(**self.labels, state=state).set(count)
+
+    def _publish_best(self) -> None:
+        best = self.best_trial()
+        if best is not None:
+            metrics.BEST_VALUE.labels(**self.labels, metric=self.objective).set(best.value)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    value: float | None  # the final objective value; None when on_step stopped the run
+    metrics: dict[str, float]
+    stopped: bool = False
+
+
+async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
+                        *, gpus: float) -> RunResult:
+    """Read a run's protocol lines to its end; ``on_step`` sees each value and may end the reading
+    early (``RunResult.stopped``): the caller then records why and stops the run.
+
+    The run's GPU-seconds (``gpus`` x time since following began) are counted at each value and at
+    the end, so a run of days shows up while it runs. Raises TrialFailed for NaN, a failed exit, or
+    a run that reported nothing.
+    """
+    gpu_seconds = metrics.GPU_SECONDS.labels(**labels)
+    counted = time.monotonic()
+
+    def count_gpu_time() -> None:
+        nonlocal counted
+        now = time.monotonic()
+        gpu_seconds.inc(gpus * (now - counted))
+        counted = now
+
+    def on_value(step: int, value: float) -> bool:
+        count_gpu_time()
+        return on_step(step, value)
+
+    try:
+        return await _read_output(run, objective, on_value, labels)
+    finally:
+        count_gpu_time()
+
+
+async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str]) -> RunResult:
+    final_value: float | None = None
+    last_value: float | None = None
+    last_metrics: dict[str, float] = {}
+    async for raw in run.lines():
+        line = parse_line(raw)
+        if line is None:
+            continue
+        value = line.metrics.get(objective)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            where = "final line" if line.final else f"step {line.step}"
+            raise TrialFailed("NaN", f"objective {objective} is {value} at {where}")
+        last_metrics = line.metrics
+        if line.final:
+            final_value = value
+            continue
+        last_value = value
+        if line.time is not None:
+            metrics.METRIC_LAG.labels(**labels).observe(max(0.0, time.time() - line.time))
+        if on_step(line.step, value):
+            return RunResult(None, last_metrics, stopped=True)  # the caller stops the run once it has recorded why
+    exit = await run.wait()
+    if not exit.succeeded:
+        raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
+    if final_value is None and last_value is None:
+        raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {objective!r}")
+    return RunResult(final_value if final_value is not None else last_value, last_metrics)
+
+
+def describe(params: dict) -> str:
+    return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())

@@ -1,0 +1,63 @@
+"""What a study and its trials carry besides Optuna's own fields: the keys and their typed readers.
+
+Every user attribute the engine writes is named here, so a reader (the CLI, the operator's
+status, a report, optuna-dashboard's user) finds them in one place. Optuna keeps them in its
+own schema, so ``optuna.load_study`` shows them as ``user_attrs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+# -- trial user attributes ---------------------------------------------------------------
+LAUNCHED_AT = "launched_at"  # unix time the trial was asked, for its duration metric
+METRICS = "metrics"  # every metric of the trial's last protocol line
+FAIL_REASON = "fail_reason"
+FAIL_MESSAGE = "fail_message"
+REQUEUED_FROM = "requeued_from"  # the interrupted trial this one runs again
+LEVEL = "level"  # fidelity ladder: the level a configuration is assigned to (running, queued or done)
+STAGE = "stage"  # the spec.stages entry a trial belongs to
+SEED = "seed"  # a baseline trial's seed, when the baseline runs several
+CHECKPOINT = "checkpoint"  # the trial's final checkpoint file, kept for warm start (spec.checkpoints)
+WARM_START_FROM = "warm_start_from"  # "study#number": a configuration enqueued from a warm-start source
+
+INTERRUPTED = "interrupted"  # fail reason of a trial whose runner died; not a real failure
+
+
+def level_metrics_key(level_name: str) -> str:
+    """The metrics of a configuration's run at one fidelity level."""
+    return f"metrics_{level_name}"
+
+
+# -- study user attributes -----------------------------------------------------------------
+OBJECTIVE = "objective"  # the metric the value is, so readers can label it
+CORRELATIONS = "fidelity_correlations"  # Spearman rho between adjacent ladder levels
+VALIDATION = "validation"  # the best configuration retrained with other seeds
+STAGES = "stages"  # each stage's state and result, by stage name
+CHECKPOINT_PINS = "checkpoint_pins"  # trial numbers whose checkpoints other studies warm-start from
+
+
+def fail_reason(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get(FAIL_REASON, ""))
+
+
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return trial.user_attrs.get(FAIL_REASON) == INTERRUPTED
+
+
+def stage(trial: FrozenTrial) -> str | None:
+    return trial.user_attrs.get(STAGE)
+
+
+def level(trial: FrozenTrial) -> int | None:
+    return trial.user_attrs.get(LEVEL)
+
+
+def checkpoint(trial: FrozenTrial) -> str | None:
+    return trial.user_attrs.get(CHECKPOINT)
+
+
+def stages(study_attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(study_attrs.get(STAGES, {}))

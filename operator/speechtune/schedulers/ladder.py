@@ -1,0 +1,293 @@
+"""The multi-fidelity ladder: cheap proxies first, the best promoted (seed sections 3 and 9).
+
+Each configuration is one Optuna trial. Each level is a new run of the trainer with
+that level's overrides (more data, more layers, more epochs); the level's objective is
+the trial's intermediate value at step = level index. With reduction factor eta,
+``initialTrials`` configurations run the lowest level, the best 1/eta of them the next,
+and so on (64 -> 16 -> 4 for eta 4). Configurations that stop below the top are told
+PRUNED, so the sampler learns from them; those that finish the top level are COMPLETE.
+
+* synchronous: a level's best are promoted once every run of that level has ended;
+* asynchronous (ASHA): a configuration is promoted as soon as it ranks in the top 1/eta
+  of the results its level has so far, while the next level has room.
+
+Parallelism is independent of rung sizes: promotions queue. The level a configuration is
+assigned to is stored with it (user attr ``level``) before it runs, so after a crash the
+ladder re-runs only levels that had not finished, never a finished one. The best
+configuration's seed validation is the ``validate`` stage (``speechtune.schedulers.stages``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune import metrics, record
+from speechtune.executor import Event
+from speechtune.schedulers import Run, Scheduler
+from speechtune.schedulers.checkpoints import Checkpoints
+from speechtune.spec import Fidelity
+
+if TYPE_CHECKING:
+    from speechtune.executor import Executor, RunResult, TrialFailed
+
+LEVEL = record.LEVEL
+EPOCHS_KEYS = {"epochs", "max_epochs"}
+MIN_PAIRS = 5  # fewer configurations that ran both levels say too little to call a proxy unreliable
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan when undefined."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        return math.nan
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx and vy else math.nan
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def chain_start(fidelity: Fidelity, level: int) -> int:
+    """The lowest level from which ``level`` differs only in epochs: its checkpoint can be resumed."""
+    start = level
+    while start > 0:
+        lower, upper = fidelity.levels[start - 1].overrides, fidelity.levels[start].overrides
+        changed = {key for key in set(lower) | set(upper) if lower.get(key) != upper.get(key)}
+        if not changed <= EPOCHS_KEYS:
+            break
+        start -= 1
+    return start
+
+
+class Ladder(Scheduler):
+    """Schedules level runs of configurations instead of whole trials."""
+
+    def __init__(self, executor: Executor, *, stage: str | None, fidelity: Fidelity, sampler: BaseSampler,
+                 distributions: dict[str, BaseDistribution], checkpoints: Checkpoints):
+        super().__init__(executor, stage)
+        self.fidelity = fidelity
+        self.sampler = sampler
+        self.distributions = distributions
+        self.checkpoints = checkpoints
+        self.sizes = fidelity.rung_sizes()
+        self.top = len(self.sizes) - 1
+        labels = executor.labels
+        # Each level's series at 0 from the start: rate() ignores the value a series first appears with.
+        for index, level in enumerate(fidelity.levels):
+            metrics.REPORTED_VALUE.labels(**labels, step=level.name)
+            if index:
+                metrics.PROMOTIONS.labels(**labels, rung=level.name)
+
+    def prepare(self) -> None:
+        self.study.sampler = self.sampler
+        self.study.pruner = optuna.pruners.NopPruner()
+
+    def total_trials(self) -> int:
+        return self.sizes[0]
+
+    def rungs(self) -> list[dict[str, Any]]:
+        """Each level's progress: configurations it takes, assigned to it, running it now, done with it."""
+        configs = self._configs()
+        return [
+            {"name": level.name, "size": size, "assigned": self._launched(index, configs),
+             "running": sum(1 for t in configs if t.user_attrs[LEVEL] == index and self.executor.is_running(t.number)),
+             "finished": sum(1 for t in configs if index in t.intermediate_values)}
+            for index, (level, size) in enumerate(zip(self.fidelity.levels, self.sizes))
+        ]
+
+    # -- state, derived from storage each time ------------------------------
+    def _configs(self) -> list[FrozenTrial]:
+        return [t for t in self.trials() if LEVEL in t.user_attrs]
+
+    def _launched(self, level: int, configs: list[FrozenTrial]) -> int:
+        return sum(1 for t in configs if t.user_attrs[LEVEL] >= level)
+
+    def _pending(self, configs: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Configurations assigned to a level they have not finished and are not running."""
+        return [
+            t for t in configs
+            if t.state == TrialState.RUNNING and t.user_attrs[LEVEL] not in t.intermediate_values and not self.executor.is_running(t.number)
+        ]
+
+    def _rung_done(self, level: int, configs: list[FrozenTrial]) -> bool:
+        """No run at ``level`` is going on or still to come."""
+        if level == 0:
+            full = len(configs) >= self.sizes[0]
+        else:
+            full = self._launched(level, configs) > 0 if self.fidelity.mode == "synchronous" else (
+                self._launched(level, configs) >= self.sizes[level] or self._rung_done(level - 1, configs))
+        busy = any(t.user_attrs[LEVEL] == level and self.executor.is_running(t.number) for t in configs)
+        return full and not busy and not any(t.user_attrs[LEVEL] == level for t in self._pending(configs))
+
+    def _results(self, level: int, configs: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Configurations with a value at ``level``, best first."""
+        done = [t for t in configs if level in t.intermediate_values and t.state != TrialState.FAIL]
+        sign = -1 if self.executor.spec.objective.direction == "maximize" else 1
+        return sorted(done, key=lambda t: (sign * t.intermediate_values[level], t.number))
+
+    # -- decisions ------------------------------------------------------------
+    def _promotions(self, configs: list[FrozenTrial]) -> list[tuple[FrozenTrial, int]]:
+        """Configurations to move up now, deepest level first."""
+        chosen: list[tuple[FrozenTrial, int]] = []
+        for level in range(self.top - 1, -1, -1):
+            room = self.sizes[level + 1] - self._launched(level + 1, configs)
+            if room <= 0:
+                continue
+            results = self._results(level, configs)
+            waiting = [t for t in results if t.user_attrs[LEVEL] == level and t.state == TrialState.RUNNING]
+            if self.fidelity.mode == "synchronous":
+                if self._launched(level + 1, configs) == 0 and self._rung_done(level, configs):
+                    chosen += [(t, level + 1) for t in waiting[:room]]
+            else:
+                allowed = len(results) // self.fidelity.reduction_factor
+                if self._rung_done(level, configs):  # no more results will come: fill the next level
+                    allowed = sum(1 for t in results if t.user_attrs[LEVEL] > level) + room
+                top_numbers = {t.number for t in results[:allowed]}
+                chosen += [(t, level + 1) for t in waiting if t.number in top_numbers][:room]
+        return chosen
+
+    def _settle(self, configs: list[FrozenTrial], final: bool = False) -> None:
+        """Tell Optuna about configurations whose ladder is over: COMPLETE at the top, else PRUNED."""
+        objective = self.executor.objective
+        for trial in configs:
+            level = trial.user_attrs[LEVEL]
+            if trial.state != TrialState.RUNNING or level not in trial.intermediate_values or self.executor.is_running(trial.number):
+                continue
+            value = trial.intermediate_values[level]
+            started = trial.datetime_start.timestamp()
+            if level == self.top:
+                attrs = self.checkpoints.attrs(trial.number, self._checkpoint_folder(trial.number, level))
+                self.executor.complete(trial.number, value, f"{objective}={value:.4g} at {self.fidelity.levels[level].name}", started, attrs)
+            elif final or self._launched(level + 1, configs) >= self.sizes[level + 1] or (
+                self.fidelity.mode == "synchronous" and self._launched(level + 1, configs) > 0
+            ):
+                self.executor.prune(trial.number, f"stopped after level {self.fidelity.levels[level].name}", value, started)
+
+    # -- the scheduler's answers ---------------------------------------------------
+    def next_run(self) -> Run | None:
+        """Settle finished ladders, decide promotions; the run to start now, if any."""
+        configs = self._configs()
+        self._settle(configs)
+        pending = self._pending(configs)
+        if not pending:
+            promotions = self._promotions(configs)
+            if promotions:
+                self._promote(promotions)
+                pending = self._pending(self._configs())
+        if pending:
+            frozen = max(pending, key=lambda t: (t.user_attrs[LEVEL], -t.number))
+            return self._level_run(optuna.Trial(self.study, frozen._trial_id), frozen.user_attrs[LEVEL])
+        if len(configs) < self.sizes[0]:
+            began = time.perf_counter()
+            with self.executor.storage.batch():
+                trial = self.study.ask(self.distributions)
+                trial.set_user_attr(LEVEL, 0)
+                trial.set_user_attr(record.LAUNCHED_AT, time.time())
+                if self.stage is not None:
+                    trial.set_user_attr(record.STAGE, self.stage)
+            metrics.SUGGEST_SECONDS.labels(**self.executor.labels).observe(time.perf_counter() - began)
+            return self._level_run(trial, 0)
+        if not self.running():
+            self._settle(self._configs(), final=True)
+            self.checkpoints.clean(self.trials())
+        return None
+
+    def _promote(self, promotions: list[tuple[FrozenTrial, int]]) -> None:
+        with self.executor.storage.batch():
+            for trial, level in promotions:
+                self.executor.storage.set_trial_user_attr(trial._trial_id, LEVEL, level)
+        for trial, level in promotions:
+            name = self.fidelity.levels[level].name
+            metrics.PROMOTIONS.labels(**self.executor.labels, rung=name).inc()
+            self.executor.notify(Event("promoted", trial.number, f"to {name} ({self.executor.objective} "
+                                       f"{trial.intermediate_values[level - 1]:.4g} at {self.fidelity.levels[level - 1].name})"))
+
+    def attempt(self, level: int) -> str:
+        return f"L{level}-{self.fidelity.levels[level].name}"
+
+    def _level_run(self, trial: optuna.Trial, level: int) -> Run:
+        return self.make_run(trial, values=trial.params, overrides=self.level_overrides(trial.number, level),
+                             attempt=self.attempt(level), level=level, description=f"level {self.fidelity.levels[level].name}",
+                             started=trial.user_attrs.get(record.LAUNCHED_AT, time.time()))
+
+    def level_overrides(self, number: int, level: int) -> dict[str, Any]:
+        """A level's overrides, with the checkpoint folder its run resumes from or leaves its model in."""
+        overrides = dict(self.fidelity.levels[level].overrides)
+        folder = self._checkpoint_folder(number, level)
+        if folder is not None:
+            overrides["checkpoint_dir"] = folder
+        return overrides
+
+    def _checkpoint_folder(self, number: int, level: int) -> str | None:
+        root = self.executor.checkpoint_root
+        if self.fidelity.resume_from_checkpoint and root is not None:
+            return str(root / f"trial-{number}" / f"from-level-{chain_start(self.fidelity, level)}")
+        return self.checkpoints.folder(number, f"level-{level}") if level == self.top else None
+
+    def on_result(self, run: Run, result: RunResult) -> None:
+        name = self.fidelity.levels[run.level].name
+        assert result.value is not None
+        with self.executor.storage.batch():
+            run.trial.report(result.value, run.level)
+            run.trial.set_user_attr(record.level_metrics_key(name), result.metrics)
+        metrics.REPORTED_VALUE.labels(**self.executor.labels, step=name).observe(result.value)
+        self.executor.notify(Event("level-done", run.trial.number, f"{name}: {self.executor.objective}={result.value:.4g}", result.value))
+        if run.level > 0:
+            self._update_correlation(run.level - 1)
+
+    def failure_message(self, run: Run, failure: TrialFailed) -> str:
+        return f"at level {self.fidelity.levels[run.level].name}: {failure}"
+
+    def resume(self, frozen: FrozenTrial) -> Run | None:
+        level = frozen.user_attrs.get(LEVEL)
+        if level is None:  # asked but never assigned: cannot have run
+            self.executor.fail(frozen.number, frozen._trial_id, record.INTERRUPTED, "the runner stopped before this trial started")
+            return None
+        if level in frozen.intermediate_values:
+            return None  # its level is done: it waits for promotion or settling
+        return self._level_run(optuna.Trial(self.study, frozen._trial_id), level)
+
+    def lost(self, frozen: FrozenTrial) -> None:
+        """A configuration whose level run is gone stays assigned: that level runs again."""
+
+    # -- proxy correlation -------------------------------------------------------------
+    def _update_correlation(self, lower: int) -> None:
+        pairs = [t for t in self._configs() if lower in t.intermediate_values and lower + 1 in t.intermediate_values]
+        proxy, target = [t.intermediate_values[lower] for t in pairs], [t.intermediate_values[lower + 1] for t in pairs]
+        rho = spearman(proxy, target)
+        if math.isnan(rho) and len(pairs) >= 2 and len(set(proxy)) == 1 < len(set(target)):
+            rho = 0.0  # a proxy that scores every configuration alike ranks nothing
+        if math.isnan(rho):
+            return
+        low, high = self.fidelity.levels[lower].name, self.fidelity.levels[lower + 1].name
+        metrics.PROXY_CORRELATION.labels(**self.executor.labels, from_level=low, to_level=high).set(rho)
+        correlations = dict(self.study.user_attrs.get(record.CORRELATIONS, {}))
+        unreliable = rho < self.fidelity.correlation_warning and len(pairs) >= MIN_PAIRS
+        was_unreliable = correlations.get(f"{low}->{high}", {}).get("unreliable", False)
+        correlations[f"{low}->{high}"] = {"rho": round(rho, 4), "pairs": len(pairs), "unreliable": unreliable}
+        self.study.set_user_attr(record.CORRELATIONS, correlations)
+        if unreliable and not was_unreliable:  # once per pair of levels, not after every run
+            self.executor.notify(Event("proxy-unreliable", None, f"Spearman rho {rho:.2f} between {low} and {high} over {len(pairs)} "
+                                       f"configurations is below correlationWarning {self.fidelity.correlation_warning}: "
+                                       f"the {low} proxy does not rank configurations like {high}"))

@@ -1,0 +1,91 @@
+"""spec.warmStart: what a study takes from a finished one (seed section 12, transfer).
+
+The source is read once, before any trial starts: its best configurations (``topK``, enqueued
+first), the region around its top-k (``narrow``), its best values of some parameters
+(``fixed``, e.g. the architecture) and its best checkpoint (``initFrom: best``, passed to every
+run as ``--init_from``). Anything that would make the transfer meaningless fails here, naming
+the field: an unknown or empty source, another objective, a missing checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from speechtune import record, spec
+from speechtune.schedulers import region as regions
+from speechtune.storage import WriteThroughStorage, open_rdb, redact
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the source study gives, already checked."""
+
+    study: str
+    top: list[FrozenTrial]  # best first
+    fixed: dict[str, Any] = field(default_factory=dict)
+    region: regions.Region = field(default_factory=dict)
+    init_from: str | None = None
+    best_number: int = 0
+
+
+def load(warm: spec.WarmStart, objective: spec.Objective, distributions: dict[str, BaseDistribution],
+         own_storage: optuna.storages.BaseStorage, url: str | None, check_files: bool) -> Source:
+    """Read and check the source study; raise spec.SpecError naming the field."""
+    storage = own_storage if url is None else WriteThroughStorage(open_rdb(url))
+    where = "this study's storage" if url is None else redact(url)
+    try:
+        source = optuna.load_study(study_name=warm.study, storage=storage)
+    except KeyError:
+        names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
+        raise spec.SpecError([("spec.warmStart.study", f"no study {warm.study!r} in {where} (studies there: {names})")]) from None
+    source_objective = source.user_attrs.get(record.OBJECTIVE)
+    direction = "maximize" if source.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    if (source_objective not in (None, objective.metric)) or direction != objective.direction:
+        raise spec.SpecError([("spec.warmStart.study", f"study {warm.study!r} {direction}s {source_objective or 'its value'}, "
+                               f"this one {objective.direction}s {objective.metric}: its results do not transfer")])
+    sign = -1 if direction == "maximize" else 1
+    complete = sorted(source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (sign * t.value, t.number))
+    if not complete:
+        raise spec.SpecError([("spec.warmStart.study", f"study {warm.study!r} has no complete trial to start from")])
+    best = complete[0]
+    missing = [name for name in warm.fixed if name not in best.params]
+    if missing:
+        raise spec.SpecError([("spec.warmStart.fixed", f"the best trial ({best.number}) of {warm.study!r} has no parameter "
+                               f"{', '.join(map(repr, missing))}; it has {', '.join(sorted(best.params))}")])
+    fixed = {name: best.params[name] for name in warm.fixed}
+    region = regions.narrow(distributions, [t.params for t in complete[: warm.narrow_top_k]], warm.margin) if warm.narrow_top_k else {}
+    init_from = None
+    if warm.init_from == "best":
+        init_from = record.checkpoint(best)
+        if not init_from:
+            raise spec.SpecError([("spec.warmStart.initFrom", f"the best trial ({best.number}) of {warm.study!r} kept no checkpoint; "
+                                   "run the source with spec.checkpoints.keepBest >= 1")])
+        if check_files and not Path(init_from).is_file():
+            raise spec.SpecError([("spec.warmStart.initFrom", f"checkpoint {init_from} of trial {best.number} of {warm.study!r} "
+                                   "does not exist (moved or deleted?)")])
+    return Source(warm.study, complete[: max(warm.top_k, 1)], fixed, region, init_from, best.number)
+
+
+def pin(warm: spec.WarmStart, own_storage: optuna.storages.BaseStorage, url: str | None, consumer: str, number: int) -> None:
+    """Mark the source's checkpoint as used by ``consumer``, so the source's cleanup keeps it."""
+    storage = own_storage if url is None else WriteThroughStorage(open_rdb(url))
+    source = optuna.load_study(study_name=warm.study, storage=storage)
+    pins = dict(source.user_attrs.get(record.CHECKPOINT_PINS, {}))
+    if pins.get(consumer) != number:
+        source.set_user_attr(record.CHECKPOINT_PINS, {**pins, consumer: number})
+
+
+def enqueue_top(study: optuna.Study, source: Source, top_k: int, distributions: dict[str, BaseDistribution],
+                attrs: dict[str, Any]) -> int:
+    """Queue the source's best ``top_k`` configurations (the parameters this study searches, where they fit its ranges)."""
+    for trial in source.top[:top_k]:
+        params = {name: value for name, value in trial.params.items()
+                  if name in distributions and regions.contains({name: distributions[name]}, {name: value})}
+        study.enqueue_trial(params, user_attrs={**attrs, record.WARM_START_FROM: f"{source.study}#{trial.number}"}, skip_if_exists=False)
+    return min(top_k, len(source.top))
