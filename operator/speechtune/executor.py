@@ -235,8 +235,9 @@ class Executor:
         return sum(1 for t in self.trials((TrialState.FAIL,)) if not record.is_interrupted(t))
 
     def finish_metrics(self, state: str, started: float) -> None:
-        metrics.TRIALS_FINISHED.labels(**self.labels, state=state).inc()
-        metrics.TRIAL_DURATION.labels(**self.labels, state=state).observe(max(0.0, time.time() - started))
+        stage = self.scheduler.stage_now() or ""  # stages run one at a time: a trial ends in the current one
+        metrics.TRIALS_FINISHED.labels(**self.labels, stage=stage, state=state).inc()
+        metrics.TRIAL_DURATION.labels(**self.labels, stage=stage, state=state).observe(max(0.0, time.time() - started))
         self._publish_counts()
 
     # -- running ------------------------------------------------------------------

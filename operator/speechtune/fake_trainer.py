@@ -5,7 +5,9 @@ printed in the metric protocol like the real trainer does, so studies and
 pruning behave realistically in seconds. Known parameters have an optimum
 (``OPTIMA``); unknown numeric parameters are ignored, as a trainer ignores
 flags it does not use. Fault flags (``--fail-at``, ``--nan-at``, ``--junk``,
-``--hang``) exercise the engine's error paths.
+``--hang``) exercise the engine's error paths. With ``--checkpoint_dir`` it leaves a
+``last.ckpt`` there each epoch; with ``--init_from`` (a file that must exist) its learning curve
+starts 3 epochs ahead, as a warm-started model would.
 
     python -m speechtune.fake_trainer --epochs=9 --lr=0.0003 --num_layers=8
 """
@@ -95,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="below this train_hours, report WER 1.0 for every configuration: a proxy that ranks nothing")
     known, rest = parser.parse_known_args(argv)
     params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
+    init_from = params.pop("init_from", None)
+    if init_from is not None and not os.path.isfile(init_from):
+        print(f"fake trainer: error: --init_from {init_from}: no such checkpoint", file=sys.stderr)
+        return 2
+    # A warm-started model starts where a cold one is after 3 epochs: transfer, in miniature.
+    head_start = 3 if init_from else 0
 
     def score(step: int) -> float:
-        return measure(params, step, known.misleading_below_hours, known.flat_below_hours)
+        return measure(params, step + head_start, known.misleading_below_hours, known.flat_below_hours)
 
     if known.ledger:
         with open(known.ledger, "a") as ledger:
@@ -115,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             _junk()
         value = float("nan") if known.nan_at == epoch else score(epoch)
         report(step=epoch, wer=value, cer=value / 2)
+        if params.get("checkpoint_dir"):  # a stand-in for the model: what a warm start would load
+            os.makedirs(params["checkpoint_dir"], exist_ok=True)
+            with open(os.path.join(params["checkpoint_dir"], "last.ckpt"), "w") as checkpoint:
+                json.dump({"params": params, "epoch": epoch}, checkpoint)
         if known.hang:
             time.sleep(10**6)
     report(final=True, wer=score(known.epochs))

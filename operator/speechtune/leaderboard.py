@@ -9,6 +9,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from speechtune import record
+
 _RANKED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -20,6 +22,7 @@ class Row:
     step: int | None
     params: dict[str, Any]
     note: str = ""
+    stage: str = ""
 
 
 def rows(study: optuna.Study, limit: int = 10) -> list[Row]:
@@ -36,7 +39,7 @@ def rows(study: optuna.Study, limit: int = 10) -> list[Row]:
     return [
         Row(
             number=t.number, state=t.state.name, value=_value(t), step=t.last_step, params=dict(t.params),
-            note=str(t.user_attrs.get("fail_reason", "")),
+            note=record.fail_reason(t), stage=record.stage(t) or "",
         )
         for t in sorted(trials, key=key)[:limit]
     ]
@@ -58,13 +61,16 @@ def table(study: optuna.Study, metric: str, limit: int = 10) -> Table:
     result.add_column(metric, justify="right")
     result.add_column("state")
     result.add_column("step", justify="right")
+    staged = any(row.stage for row in board)
+    if staged:
+        result.add_column("stage")
     for name in names:
         result.add_column(name, justify="right")
     for row in board:
         value = "" if row.value is None else f"{row.value:.4f}"
         state = row.state if not row.note else f"{row.state} ({row.note})"
         result.add_row(
-            str(row.number), value, state, "" if row.step is None else str(row.step),
+            str(row.number), value, state, "" if row.step is None else str(row.step), *([row.stage] if staged else []),
             *(_format(row.params.get(name)) for name in names),
         )
     return result

@@ -11,7 +11,8 @@ _STUDY = ["namespace", "study"]
 WER_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, float("inf"))
 
 TRIALS = Gauge("speechtune_trials", "Trials of a study by current state", _STUDY + ["state"])
-TRIALS_FINISHED = Counter("speechtune_trials_finished", "Trials that ended, by final state", _STUDY + ["state"])
+# "stage": the spec.stages entry the trial ran in ("" for a study without stages)
+TRIALS_FINISHED = Counter("speechtune_trials_finished", "Trials that ended, by stage and final state", _STUDY + ["stage", "state"])
 BEST_VALUE = Gauge("speechtune_best_value", "Best objective value of a study so far", _STUDY + ["metric"])
 REPORTED_VALUE = Histogram(
     "speechtune_reported_value", "Objective values reported by trials, by step (bucketed) or rung",
@@ -24,9 +25,11 @@ PROXY_CORRELATION = Gauge(
     _STUDY + ["from_level", "to_level"],
 )
 TRIAL_DURATION = Histogram(
-    "speechtune_trial_duration_seconds", "Wall time of finished trials", _STUDY + ["state"],
+    "speechtune_trial_duration_seconds", "Wall time of finished trials, by stage and final state", _STUDY + ["stage", "state"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")),
 )
+STAGE_ACTIVE = Gauge("speechtune_stage_active", "1 for the stage a study is running now, 0 for its other stages", _STUDY + ["stage"])
+STAGE_BEST_VALUE = Gauge("speechtune_stage_best_value", "Best objective value found in a stage", _STUDY + ["stage", "metric"])
 SUGGEST_SECONDS = Histogram(
     "speechtune_suggest_seconds", "Time spent sampling a new trial (ask)", _STUDY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),

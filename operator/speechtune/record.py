@@ -37,6 +37,7 @@ CORRELATIONS = "fidelity_correlations"  # Spearman rho between adjacent ladder l
 VALIDATION = "validation"  # the best configuration retrained with other seeds
 STAGES = "stages"  # each stage's state and result, by stage name
 CHECKPOINT_PINS = "checkpoint_pins"  # trial numbers whose checkpoints other studies warm-start from
+KEPT_CHECKPOINTS = "kept_checkpoints"  # trial number (as text) -> checkpoint file, for those still kept
 
 
 def fail_reason(trial: FrozenTrial) -> str:
@@ -57,6 +58,10 @@ def level(trial: FrozenTrial) -> int | None:
 
 def checkpoint(trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(CHECKPOINT)
+
+
+def kept_checkpoints(study_attrs: dict[str, Any]) -> dict[str, str]:
+    return dict(study_attrs.get(KEPT_CHECKPOINTS, {}))
 
 
 def stages(study_attrs: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -88,6 +88,10 @@ class Scheduler:
         """How many trials this scheduler will run, for progress displays."""
         raise NotImplementedError
 
+    def stage_now(self) -> str | None:
+        """The stage running now (None outside stages)."""
+        return self.stage
+
     def trials(self) -> list[FrozenTrial]:
         """This scheduler's trials: those of its stage, or all of them outside stages."""
         trials = self.executor.trials()

@@ -3,10 +3,10 @@
 With ``keepBest: N`` every trial's run gets ``--checkpoint_dir=<root>/trial-<n>[/...]``; the
 trainer leaves its final model there as ``last.ckpt`` (the trainer's resume file). When a trial
 ends, the folders of finished trials outside the best N are removed, except those that another
-study's ``warmStart.initFrom`` pinned (study user attr ``checkpoint_pins``). Removal needs the
-folder on this machine: locally it is; on a cluster the checkpoints are on a PVC the operator
-does not mount, so there the operator only stops pointing at them (the trial's ``checkpoint``
-attribute is cleared).
+study's ``warmStart.initFrom`` pinned (study user attr ``checkpoint_pins``). The study's ``kept_checkpoints`` names the
+checkpoints that still exist, by trial. Removal needs the folder on this machine: locally it
+is; on a cluster the checkpoints are on a PVC the operator does not mount, so there the operator
+only drops them from ``kept_checkpoints`` and the files stay until the PVC is cleaned.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Checkpoints:
         self.executor = executor
         self.keep_best = keep_best if executor.checkpoint_root is not None else 0
         self.remove_files = remove_files
+        self._removed: set[int] = set()
 
     def folder(self, number: int, *parts: str) -> str | None:
         """Where a trial's run keeps its checkpoint, when the study keeps checkpoints."""
@@ -43,18 +44,23 @@ class Checkpoints:
         return {record.CHECKPOINT: str(PurePath(folder, CHECKPOINT_FILE))} if self.keep_best and folder else {}
 
     def clean(self, trials: list[FrozenTrial]) -> None:
-        """Forget (and locally remove) the checkpoints of finished trials outside the best ``keepBest`` and the pins."""
+        """Keep the checkpoints of the best ``keepBest`` complete trials and the pinned ones; remove
+        (locally) the rest of the finished trials'; record the kept ones in the study (``kept_checkpoints``)."""
         if not self.keep_best:
             return
-        pinned = {int(number) for number in self.executor.study.user_attrs.get(record.CHECKPOINT_PINS, {}).values()}
+        study = self.executor.study
+        pinned = {int(number) for number in study.user_attrs.get(record.CHECKPOINT_PINS, {}).values()}
         sign = -1 if self.executor.spec.objective.direction == "maximize" else 1
         complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and record.checkpoint(t)),
                           key=lambda t: (sign * t.value, t.number))
         keep = {t.number for t in complete[: self.keep_best]} | pinned
+        kept = {**{number: path for number, path in record.kept_checkpoints(study.user_attrs).items() if int(number) in pinned},
+                **{str(t.number): record.checkpoint(t) for t in complete if t.number in keep}}
+        if kept != record.kept_checkpoints(study.user_attrs):
+            study.set_user_attr(record.KEPT_CHECKPOINTS, kept)
+        if not self.remove_files:
+            return
         for trial in trials:
-            if not trial.state.is_finished() or trial.number in keep:
-                continue
-            if self.remove_files:
+            if trial.state.is_finished() and trial.number not in keep and trial.number not in self._removed:
                 shutil.rmtree(Path(self.executor.checkpoint_root, f"trial-{trial.number}"), ignore_errors=True)
-            if record.checkpoint(trial):
-                self.executor.storage.set_trial_user_attr(trial._trial_id, record.CHECKPOINT, "")
+                self._removed.add(trial.number)

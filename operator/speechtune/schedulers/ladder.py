@@ -210,7 +210,7 @@ class Ladder(Scheduler):
             return self._level_run(trial, 0)
         if not self.running():
             self._settle(self._configs(), final=True)
-            self.checkpoints.clean(self.trials())
+            self.checkpoints.clean(self.executor.trials())
         return None
 
     def _promote(self, promotions: list[tuple[FrozenTrial, int]]) -> None:

@@ -96,11 +96,11 @@ class PlainSearch(Scheduler):
         else:
             attrs.update(self.checkpoints.attrs(run.trial.number))
             self.executor.complete(run.trial, result.value, f"{self.executor.objective}={result.value:.4g}", run.started, attrs)
-        self.checkpoints.clean(self.trials())
+        self.checkpoints.clean(self.executor.trials())
 
     def on_failure(self, run: Run, failure: Any) -> None:
         super().on_failure(run, failure)
-        self.checkpoints.clean(self.trials())
+        self.checkpoints.clean(self.executor.trials())
 
     def resume(self, frozen: FrozenTrial) -> Run | None:
         return self.run_of(optuna.Trial(self.study, frozen._trial_id), frozen.intermediate_values)

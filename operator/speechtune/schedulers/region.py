@@ -97,7 +97,8 @@ class RegionSampler(BaseSampler):
         return {name: self.region.get(name, dist) for name, dist in space.items()}
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self._narrowed(self.base.infer_relative_search_space(self._view(study), trial))
+        # The study's own distributions: Optuna checks them against the asked ones (a categorical may not change).
+        return self.base.infer_relative_search_space(self._view(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         return self.base.sample_relative(self._view(study), trial, self._narrowed(search_space))

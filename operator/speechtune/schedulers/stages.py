@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from speechtune import record, search, spec
+from speechtune import metrics, record, search, spec
 from speechtune.executor import Event
 from speechtune.schedulers import Run, Scheduler, region as regions, warmstart
 from speechtune.schedulers.checkpoints import Checkpoints
@@ -38,7 +39,7 @@ class Baseline(PlainSearch):
     def __init__(self, executor: Executor, *, stage: str, params: dict[str, Any], seeds: int,
                  distributions: dict[str, BaseDistribution], checkpoints: Checkpoints):
         given = {name: value for name, value in params.items() if name in distributions}
-        super().__init__(executor, stage=stage, sampler=optuna.samplers.PartialFixedSampler(given, optuna.samplers.RandomSampler()),
+        super().__init__(executor, stage=stage, sampler=_fixed(given, optuna.samplers.RandomSampler()),
                          pruner=optuna.pruners.NopPruner(), distributions={name: distributions[name] for name in given},
                          max_trials=lambda: seeds, checkpoints=checkpoints)
         self.seeds = seeds
@@ -145,10 +146,17 @@ class Stages(Scheduler):
             self.index += 1
         self._begin()
 
+    def stage_now(self) -> str | None:
+        return self.steps[self.index].name
+
     def _begin(self) -> None:
         step = self.steps[self.index]
         self.on_begin(step)
         self._scheduler(self.index).prepare()
+        labels = self.executor.labels
+        for index, other in enumerate(self.steps):
+            if other.name is not None:
+                metrics.STAGE_ACTIVE.labels(**labels, stage=other.name).set(1 if index == self.index else 0)
 
     def total_trials(self) -> int:
         return sum(spec.stage_trials(step.stage) if step.stage else self._scheduler(index).total_trials()
@@ -184,6 +192,9 @@ class Stages(Scheduler):
         if found.get("state") == "Succeeded":
             return
         found.update(state="Succeeded", finishedAt=time.time(), **stage_result(self.executor, step.stage, self._scheduler(self.index)))
+        best = found.get("best", {}).get("value", found.get("mean"))
+        if best is not None:
+            metrics.STAGE_BEST_VALUE.labels(**self.executor.labels, stage=step.name, metric=self.executor.objective).set(best)
         self.study.set_user_attr(record.STAGES, {**records, step.name: found})
         self.executor.notify(Event("stage-finished", None, f"stage {step.name} ({step.stage.kind}) finished: {describe_result(found, self.executor.objective)}"))
 
@@ -254,7 +265,7 @@ def build_stages(executor: Executor) -> Scheduler:
         held = {key: value for key, value in fixed.items() if key in distributions}
         _check_fixed(held, distributions, f"spec.stages[{index}].fixed" if stage else "spec.warmStart.fixed")
         if held:
-            sampler = optuna.samplers.PartialFixedSampler(held, sampler)
+            sampler = _fixed(held, sampler)
         if fidelity is not None:
             scheduler: Scheduler = Ladder(executor, stage=name, fidelity=fidelity, sampler=sampler, distributions=distributions,
                                           checkpoints=checkpoints)
@@ -328,6 +339,13 @@ def _baseline(executor: Executor, stage: spec.Stage, distributions: dict[str, Ba
                          checkpoints=checkpoints)
     scheduler.overrides.update(extra)
     return scheduler
+
+
+def _fixed(values: dict[str, Any], base: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler that holds some parameters (marked experimental since v2.4, stable in use)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.PartialFixedSampler(values, base)
 
 
 def _top(executor: Executor, stages: set[str], k: int) -> list[FrozenTrial]:

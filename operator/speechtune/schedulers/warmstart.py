@@ -62,7 +62,7 @@ def load(warm: spec.WarmStart, objective: spec.Objective, distributions: dict[st
     region = regions.narrow(distributions, [t.params for t in complete[: warm.narrow_top_k]], warm.margin) if warm.narrow_top_k else {}
     init_from = None
     if warm.init_from == "best":
-        init_from = record.checkpoint(best)
+        init_from = record.kept_checkpoints(source.user_attrs).get(str(best.number))
         if not init_from:
             raise spec.SpecError([("spec.warmStart.initFrom", f"the best trial ({best.number}) of {warm.study!r} kept no checkpoint; "
                                    "run the source with spec.checkpoints.keepBest >= 1")])
