@@ -54,6 +54,9 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "failed": ("Warning", "TrialFailed"),
     "study-failed": ("Warning", "StudyFailed"),
     "study-succeeded": ("Normal", "StudySucceeded"),
+    "stage-started": ("Normal", "StageStarted"),
+    "stage-finished": ("Normal", "StageFinished"),
+    "warm-started": ("Normal", "WarmStarted"),
 }
 
 
@@ -245,6 +248,7 @@ class StudyRunner:
             extra["validation"] = validation
         if engine.spec.stages:
             extra["stages"] = status.stages_status(engine.spec.stages, record.stages(attrs))
+            extra["currentStage"] = status.current_stage(extra["stages"])  # None: the merge patch removes it
         await self._set_state(state, reason, message, generation, counts=status.trial_counts(engine.counts()),
                               best=status.best_trial(engine.best_trial()), extra=extra, extra_conditions=extra_conditions)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - began)

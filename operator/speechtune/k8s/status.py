@@ -13,7 +13,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from speechtune.record import FAIL_MESSAGE, FAIL_REASON, LEVEL, STAGE
+from speechtune.record import FAIL_MESSAGE, FAIL_REASON, LEVEL, STAGE, WARM_START_FROM
 from speechtune.schedulers.ladder import MIN_PAIRS
 
 STATES = {
@@ -37,7 +37,8 @@ def trial_status(trial: FrozenTrial, direction: str, level_names: tuple[str, ...
     """A SpeechTuningTrial's status: state, last step, latest and best value, why it ended.
 
     With a fidelity ladder (``level_names``) a step is a level, and the status says which level
-    the configuration has reached.
+    the configuration has reached. With spec.stages it says the trial's stage, and a configuration
+    queued from a warm-start source says which (``<optuna study>#<number>``).
     """
     values = {step: value for step, value in trial.intermediate_values.items() if _finite(value) is not None}
     pick = min if direction == "minimize" else max
@@ -51,6 +52,8 @@ def trial_status(trial: FrozenTrial, direction: str, level_names: tuple[str, ...
         "bestValue": pick(candidates) if candidates else None,
         "startTime": _time(trial.datetime_start),
         "completionTime": _time(trial.datetime_complete),
+        "stage": trial.user_attrs.get(STAGE),
+        "warmStartFrom": trial.user_attrs.get(WARM_START_FROM),
     }
     rung = trial.user_attrs.get(LEVEL) if level_names else None
     if rung is not None:
@@ -128,6 +131,11 @@ def stages_status(stages: tuple, records: dict[str, dict[str, Any]]) -> list[dic
             entry["region"] = {name: [str(v) for v in values] for name, values in found["region"].items()}
         result.append(entry)
     return result
+
+
+def current_stage(stages: list[dict[str, Any]]) -> str | None:
+    """status.currentStage: the stage running now, None before the first starts and after the last ends."""
+    return next((entry["name"] for entry in stages if entry["state"] == "Running"), None)
 
 
 def validation_status(record: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -83,9 +83,11 @@ def pin(warm: spec.WarmStart, own_storage: optuna.storages.BaseStorage, url: str
 
 def enqueue_top(study: optuna.Study, source: Source, top_k: int, distributions: dict[str, BaseDistribution],
                 attrs: dict[str, Any]) -> int:
-    """Queue the source's best ``top_k`` configurations (the parameters this study searches, where they fit its ranges)."""
+    """Queue the source's best ``top_k`` configurations (the parameters this study searches, where they fit its
+    ranges), with ``fixed`` parameters at the source's best values."""
     for trial in source.top[:top_k]:
         params = {name: value for name, value in trial.params.items()
                   if name in distributions and regions.contains({name: distributions[name]}, {name: value})}
+        params.update({name: value for name, value in source.fixed.items() if name in distributions})  # fixed wins
         study.enqueue_trial(params, user_attrs={**attrs, record.WARM_START_FROM: f"{source.study}#{trial.number}"}, skip_if_exists=False)
     return min(top_k, len(source.top))

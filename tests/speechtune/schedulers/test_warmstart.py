@@ -72,7 +72,7 @@ def test_top_k_enqueues_the_sources_best_configurations_first(tmp_path, source):
 
 
 def test_fixed_holds_parameters_at_the_sources_best_and_narrow_bounds_the_rest(tmp_path, source):
-    warm = {"study": "english", "fixed": ["encoder", "num_layers"], "narrow": {"topK": 3, "margin": 0.0}}
+    warm = {"study": "english", "fixed": ["encoder", "num_layers"], "narrow": {"topK": 3, "margin": 0.0}, "topK": 2}
     engine, outcome = run(tmp_path, manifest(tmp_path, "spanish", warm=warm))
     assert outcome.state == "Succeeded"
     best = best_first(source)[0]
@@ -80,6 +80,7 @@ def test_fixed_holds_parameters_at_the_sources_best_and_narrow_bounds_the_rest(t
     for trial in engine.trials():
         assert (trial.params["encoder"], trial.params["num_layers"]) == (best.params["encoder"], best.params["num_layers"])
         assert min(top) * (1 - 1e-9) <= trial.params["lr"] <= max(top) * (1 + 1e-9)
+    assert [t.params["lr"] for t in engine.trials()[:2]] == [t.params["lr"] for t in best_first(source)[:2]], "topK first"
 
 
 def test_init_from_best_gives_every_run_the_sources_kept_checkpoint_and_pins_it(tmp_path, source):
