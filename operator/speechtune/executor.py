@@ -33,7 +33,7 @@ from speechtune import metrics, record, spec
 from speechtune.backend import Backend, TrialRun
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
-from speechtune.storage import WriteThroughStorage
+from speechtune.storage import StorageUnavailable, WriteThroughStorage
 
 if TYPE_CHECKING:
     from speechtune.schedulers import Run, Scheduler
@@ -273,19 +273,28 @@ class Executor:
     async def _supervise(self, run: Run) -> None:
         """Follow a run to its end. Its ending is recorded first, then the run is stopped: a
         runner killed in between must not find a trial RUNNING without its run, and call a
-        trial that ran "interrupted"."""
+        trial that ran "interrupted". Whatever goes wrong with one run fails only its trial:
+        the storage being down is the one error that stops the study."""
         assert run.handle is not None
         try:
-            result = await follow_output(run.handle, self.objective, lambda step, value: run.scheduler.on_value(run, step, value),
-                                         self.labels, gpus=self.gpus)
-        except TrialFailed as failure:
-            if self._failed_message:  # stopped by us, because the study failed
-                failure = TrialFailed("StudyFailed", "stopped because the study failed")
-            run.scheduler.on_failure(run, failure)
-            await run.handle.stop()
-            return
-        run.scheduler.on_result(run, result)
-        if result.stopped:
+            try:
+                result = await follow_output(run.handle, self.objective, lambda step, value: run.scheduler.on_value(run, step, value),
+                                             self.labels, gpus=self.gpus)
+            except TrialFailed as failure:
+                if self._failed_message:  # stopped by us, because the study failed
+                    failure = TrialFailed("StudyFailed", "stopped because the study failed")
+                run.scheduler.on_failure(run, failure)
+                await run.handle.stop()
+                return
+            run.scheduler.on_result(run, result)
+            if result.stopped:
+                await run.handle.stop()
+        except (StorageUnavailable, asyncio.CancelledError):
+            raise
+        except Exception as error:  # a bug, or output the engine could not handle: this trial's problem only
+            log.exception("%s: run %s failed inside the runner", self.study_name, run.launch.run_name)
+            if self.storage.get_trial(run.trial._trial_id).state == TrialState.RUNNING:
+                run.scheduler.on_failure(run, TrialFailed("RunnerError", f"{type(error).__name__}: {error}"))
             await run.handle.stop()
 
     async def _recover(self) -> None:

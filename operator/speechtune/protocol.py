@@ -21,6 +21,7 @@ from typing import IO, Any
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
+MAX_STEP = 2**31 - 1  # the INTEGER column Optuna stores steps in (SQLite, PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def parse_line(raw: bytes | str) -> Report | None:
     if not isinstance(obj, dict) or obj.get("speechtune") != PROTOCOL_VERSION:
         return None
     step = obj.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP):
         return None
     final = obj.get("final") is True
     if step is None and not final:
@@ -87,17 +88,23 @@ def parse_line(raw: bytes | str) -> Report | None:
     for key, value in obj.items():
         if key in ("speechtune", "step", "final", "time"):
             continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics[key] = float(value)
+        number = _number(value)
+        if number is not None:
+            metrics[key] = number
         else:
             extra[key] = value
-    return Report(
-        step=step,
-        metrics=metrics,
-        final=final,
-        time=float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None,
-        extra=extra,
-    )
+    return Report(step=step, metrics=metrics, final=final, time=_number(stamp), extra=extra)
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else, and for an integer too big for a float
+    (a hostile or broken trainer must not crash the runner: such a metric is simply not a metric)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def is_finite(value: float) -> bool:

@@ -40,7 +40,7 @@ def build_sampler(sampler: spec.Sampler, space: tuple[spec.Param, ...]) -> BaseS
     elif sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     elif sampler.type == "grid":
-        return optuna.samplers.GridSampler(_grid(space), seed=seed)
+        return _GridSampler(_grid(space), seed=seed)
     elif sampler.type == "cmaes":
         base = optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=sampler.startup_trials)
     elif sampler.type == "qmc":
@@ -87,6 +87,14 @@ def build_pruner(pruner: spec.Pruner) -> optuna.pruners.BasePruner:
             min_resource=pruner.min_resource, max_resource=pruner.max_resource, reduction_factor=pruner.reduction_factor,
         )
     return optuna.pruners.NopPruner()
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` after the last point, which raises outside
+    ``study.optimize``; the engine caps a grid study's budget at the grid's size instead."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        pass
 
 
 class _HyperbandPruner(optuna.pruners.HyperbandPruner):

@@ -221,3 +221,56 @@ def test_tpe_beats_random_at_equal_budget_over_several_seeds(tmp_path):
     wins = sum(t < r for t, r in zip(tpe, random))
     assert statistics.mean(tpe) < statistics.mean(random), (tpe, random)
     assert wins >= 4, (tpe, random)
+
+
+def test_hostile_numbers_fail_only_their_own_trial_and_never_the_runner(tmp_path):
+    """Issue 14: a 400-digit WER or a step past SQL's INTEGER crashed `speechtune run` and left every trial RUNNING."""
+    script = tmp_path / "hostile.py"
+    script.write_text(
+        "import sys\n"
+        "from speechtune import report\n"
+        "flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)\n"
+        "if int(flags['num_layers']) % 2:\n"
+        "    print('{\"speechtune\": 1, \"step\": 2, \"wer\": ' + '9' * 400 + '}')\n"
+        "    print('{\"speechtune\": 1, \"step\": 100000000000000000000, \"wer\": 0.5}', flush=True)\n"
+        "else:\n"
+        "    report(step=1, wer=0.4)\n"
+    )
+    study = make_study(tmp_path, max_trials=6, failures=10)
+    study = replace(study, trial_template=replace(study.trial_template, command=("python", str(script)), args=()))
+    engine, outcome, _ = run_engine(study, tmp_path)
+    assert outcome.state == "Succeeded", outcome.message
+    for trial in engine.trials():
+        if trial.params["num_layers"] % 2:
+            assert (trial.state, trial.user_attrs[FAIL_REASON]) == (TrialState.FAIL, "NoMetrics")
+        else:
+            assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.4)
+
+
+def test_an_error_inside_the_runner_fails_that_trial_with_the_exception_and_no_other(tmp_path, monkeypatch):
+    from speechtune.schedulers.plain import PlainSearch
+
+    real = PlainSearch.on_value
+
+    def broken_for_trial_1(self, run, step, value):
+        if run.trial.number == 1:
+            raise ZeroDivisionError("a bug that only trial 1's output reaches")
+        return real(self, run, step, value)
+
+    monkeypatch.setattr(PlainSearch, "on_value", broken_for_trial_1)
+    engine, outcome, _ = run_engine(make_study(tmp_path, args=("--epochs", "2"), max_trials=4), tmp_path)
+    assert outcome.state == "Succeeded"
+    states = {t.number: (t.state, t.user_attrs.get(FAIL_REASON), t.user_attrs.get("fail_message")) for t in engine.trials()}
+    assert states[1] == (TrialState.FAIL, "RunnerError", "ZeroDivisionError: a bug that only trial 1's output reaches")
+    assert all(state == TrialState.COMPLETE for number, (state, _, _) in states.items() if number != 1)
+
+
+def test_a_grid_study_that_runs_its_whole_grid_succeeds(tmp_path):
+    study = spec.parse_study({"metadata": {"name": "grid"}, "spec": {
+        "maxTrials": 4, "parallelism": 2, "sampler": {"type": "grid"},
+        "searchSpace": [{"name": "num_layers", "categorical": [2, 8]}, {"name": "n_mels", "categorical": [40, 80]}],
+        "trialTemplate": {"command": list(FAKE), "args": ["--epochs", "2"]},
+        "storage": {"url": f"sqlite:///{tmp_path}/grid.db"}}})
+    engine, outcome, _ = run_engine(study, tmp_path)
+    assert outcome.state == "Succeeded", outcome.message
+    assert sorted((t.params["num_layers"], t.params["n_mels"]) for t in engine.trials()) == [(2, 40), (2, 80), (8, 40), (8, 80)]

@@ -50,3 +50,13 @@ def test_non_numeric_fields_are_kept_apart_from_metrics():
     line = parse_line('{"speechtune": 1, "step": 4, "wer": 0.3, "note": "ok", "ok": true}')
     assert line.metrics == {"wer": 0.3}
     assert line.extra == {"note": "ok", "ok": True}
+
+
+def test_numbers_no_float_or_database_column_can_hold_are_not_metrics_or_steps():
+    huge = "9" * 400
+    line = parse_line(f'{{"speechtune": 1, "step": 2, "wer": {huge}, "cer": 0.1, "time": {huge}}}')
+    assert line.metrics == {"cer": 0.1} and line.time is None and line.extra["wer"] == int(huge)
+    assert parse_line('{"speechtune": 1, "step": 100000000000000000000, "wer": 0.1}') is None
+    assert parse_line('{"speechtune": 1, "step": 2147483647, "wer": 0.1}').step == 2**31 - 1
+    assert parse_line('{"speechtune": 1, "step": 3, "wer": 0.2, "wer": 0.3}').metrics == {"wer": 0.3}  # JSON's last wins
+    assert parse_line('{"speechtune": 1, "step": 3, "wer": {"nested": 1}}').metrics == {}
