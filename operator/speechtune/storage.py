@@ -198,7 +198,18 @@ class WriteThroughStorage(BaseStorage):
         return self._memory.get_study_system_attrs(study_id)
 
     def get_all_studies(self) -> list[FrozenStudy]:
-        return self.rdb.get_all_studies()
+        """Every study in the database, under the ids this storage's other methods take (studies not
+        yet read are loaded): Optuna's readers (copy_study, study summaries) pass these ids back."""
+        self._flush()
+        memory_ids = {db_id: memory_id for memory_id, db_id in self._study_ids.items()}
+        studies = []
+        for frozen in self.rdb.get_all_studies():
+            memory_id = memory_ids.get(frozen._study_id)
+            if memory_id is None:
+                memory_id = self._load_study(frozen._study_id, frozen.study_name)
+            studies.append(FrozenStudy(study_name=frozen.study_name, direction=None, directions=frozen.directions,
+                                       user_attrs=frozen.user_attrs, system_attrs=frozen.system_attrs, study_id=memory_id))
+        return studies
 
     # -- trial writes: memory first (it validates), then SQL ------------------
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
