@@ -168,8 +168,12 @@ class Executor:
             woken = asyncio.ensure_future(self._wake.wait())
             done, _ = await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
-            for task in done:  # a run task that raised (e.g. StorageUnavailable) stops the study
+            for task in done:  # a run task that raised (StorageUnavailable) stops the study
                 if task is not woken and not task.cancelled() and task.exception() is not None:
+                    others = [other for other in self._running.values() if other is not task]
+                    for other in others:
+                        other.cancel()
+                    await asyncio.gather(*others, return_exceptions=True)  # retrieved: no "never retrieved" noise
                     raise task.exception()
         counts = self.counts()
         if self._failed_message:

@@ -81,6 +81,7 @@ class WriteThroughStorage(BaseStorage):
         self._trial_study: dict[int, int] = {}  # memory trial id -> memory study id
         self._pending: list[Callable[[sqlalchemy.Connection], None]] | None = None
         self._states: dict[int, dict[TrialState, int]] = {}  # study -> trials per state, kept as writes happen
+        self._outage_since: float | None = None  # when the current run of failed commits began
 
     def state_counts(self, study_id: int) -> dict[TrialState, int]:
         """Trials per state in O(1): the engine asks on every loop turn."""
@@ -118,16 +119,21 @@ class WriteThroughStorage(BaseStorage):
         """Run the writes in one transaction; retry while the database is unreachable."""
         if not operations:
             return
-        deadline = time.monotonic() + self.retry_seconds
         delay = 0.5
         while True:
             try:
                 with self.rdb.engine.begin() as connection:
                     for operation in operations:
                         operation(connection)
+                self._outage_since = None
                 return
             except sqlalchemy.exc.OperationalError as exc:
-                if time.monotonic() + delay > deadline:
+                # One window per storage (one study), from the first failed commit: commits that
+                # fail later in the same outage do not extend it.
+                now = time.monotonic()
+                if self._outage_since is None:
+                    self._outage_since = now
+                if now + delay > self._outage_since + self.retry_seconds:
                     raise StorageUnavailable(
                         f"study storage {redact(str(self.rdb.engine.url))} unreachable for {self.retry_seconds:.0f} s; "
                         f"nothing after the last commit was lost from the database: {exc.orig or exc}"

@@ -1,6 +1,7 @@
 """The write-through storage against real databases: SQLite and a real PostgreSQL server."""
 
 import threading
+import time
 
 import optuna
 import pytest
@@ -96,3 +97,20 @@ def test_short_database_outage_is_ridden_out_by_retrying():
         trial.report(0.3, 1)  # blocks, retrying, until the server is back
         restart.join()
         assert optuna.load_study(study_name="s", storage=server.url).trials[0].intermediate_values == {1: 0.3}
+
+
+def test_the_retry_window_is_one_per_study_from_the_first_failed_commit():
+    """Issue 14: each trial's commit opened its own window, so with 4 trials a 60 s window became 230 s."""
+    with postgres_server() as server:
+        storage = WriteThroughStorage(open_rdb(server.url), retry_seconds=3)
+        study = optuna.create_study(study_name="s", storage=storage)
+        trials = [study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}) for _ in range(4)]
+        server.stop()
+        began = time.monotonic()
+        for trial in trials:  # as four trial tasks would, one after the other
+            with pytest.raises(StorageUnavailable):
+                trial.report(0.3, 1)
+        assert time.monotonic() - began < 3 + 2, "later commits in the same outage do not get a window of their own"
+        server.start()
+        trials[0].report(0.2, 2)  # the database is back: a new outage would get a new window
+        assert optuna.load_study(study_name="s", storage=server.url).trials[0].intermediate_values == {2: 0.2}
