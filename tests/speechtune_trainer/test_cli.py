@@ -124,3 +124,50 @@ def test_the_trainer_imports_only_the_protocol_from_speechtune():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     assert alias.name.split(".")[0] != "speechtune", f"{source.name} imports {alias.name}"
+
+
+@pytest.fixture
+def spanish(tmp_path: Path) -> Path:
+    """Manifests with transcripts but no audio: labels are checked before any audio is read."""
+    for split, texts in (("train", ["uno dos", "tres"]), ("dev", ["cero"])):
+        lines = [json.dumps({"audio_filepath": f"audio/{split}/{i}.wav", "duration": 1.0, "text": t}) for i, t in enumerate(texts)]
+        (tmp_path / f"{split}_manifest.json").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_labels_come_from_labels_json_else_from_the_train_and_dev_transcripts(spanish):
+    args = cli.build_parser().parse_args(["asr", "--data", str(spanish)])
+    assert config.labels(args) == list(" cdenorstu")  # an older corpus: no labels.json
+    (spanish / config.LABELS_FILE).write_text(json.dumps(list(" abcdefghijklmnopqrstuvwxyz")))
+    assert config.labels(args) == list(" abcdefghijklmnopqrstuvwxyz")
+    cfg = config.model_config(args, spanish / "train_manifest.json", spanish / "dev_manifest.json", 10, 0)
+    assert cfg["labels"] == cfg["train_ds"]["labels"] == cfg["decoder"]["vocabulary"] == config.labels(args)
+    assert cfg["decoder"]["num_classes"] == 27
+    args = cli.build_parser().parse_args(["asr", "--data", str(spanish), "--labels", " abcdeinorstuñ"])
+    assert config.labels(args) == list(" abcdeinorstuñ") and config.problems(args) == []
+
+
+def test_a_label_set_without_a_transcript_character_exits_2_naming_it(spanish, capsys):
+    assert cli.main(["asr", "--data", str(spanish), "--labels", " cdenorsu"]) == 2
+    assert "--labels lacks 't', used in the train/dev transcripts" in capsys.readouterr().err
+    (spanish / config.LABELS_FILE).write_text(json.dumps(list(" cdenorst")))
+    assert cli.main(["asr", "--data", str(spanish)]) == 2
+    assert f"--data {spanish}: labels.json lacks 'u'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"), [("", "--labels is empty"), (" abcdeinorstuu", "--labels repeats 'u'")]
+)
+def test_empty_or_repeating_labels_exit_2(spanish, capsys, labels, message):
+    assert cli.main(["asr", "--data", str(spanish), "--labels", labels]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_init_from_a_missing_or_unknown_file_exits_2_naming_it(data_dir, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "last.ckpt"
+    assert cli.main(["asr", "--data", str(data_dir), "--init-from", str(missing)]) == 2
+    assert f"--init-from {missing}: no such file" in capsys.readouterr().err
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"")
+    assert cli.main(["asr", "--data", str(data_dir), "--init_from", str(weights)]) == 2
+    assert f"--init-from {weights}: expected a Lightning .ckpt or a NeMo .nemo file" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from speechtune_trainer import cli
+from speechtune_trainer import cli, config
 
 pytestmark = pytest.mark.trainer
 
@@ -49,3 +49,25 @@ def test_durations_match_the_audio_files_and_every_split_is_filled(tmp_path):
             assert info.samplerate == 8000
             assert entry["duration"] == pytest.approx(info.frames / info.samplerate, abs=1e-6)
             assert entry["text"] and set(entry["text"]) <= set("abcdefghijklmnopqrstuvwxyz ")
+
+
+def test_spanish_plan_uses_only_spanish_words_and_voices():
+    from speechtune_trainer import data
+
+    utterances = data.plan(0.05, seed=4, vocabulary="digits", language="es")
+    assert utterances == data.plan(0.05, seed=4, vocabulary="digits", language="es")
+    assert {word for utt in utterances for word in utt.text.split()} == set(data.VOCABULARIES["es"]["digits"])
+    assert {utt.voice.split("+")[0] for utt in utterances} == {"es", "es-419"}
+    commands = data.plan(0.05, seed=4, vocabulary="commands", language="es")
+    assert {"á", "í"} <= set(config.character_set(utt.text for utt in commands))  # atrás, sí
+
+
+def test_spanish_make_data_writes_manifests_and_the_labels_of_all_transcripts(tmp_path):
+    from speechtune_trainer import data
+
+    make(tmp_path, 5, "--language", "es", "--hours", "0.005")
+    texts = [json.loads(line)["text"] for split in SPLITS for line in manifests(tmp_path)[split].decode().splitlines()]
+    assert texts and all(text == text.lower() for text in texts)
+    assert {word for text in texts for word in text.split()} <= set(data.VOCABULARIES["es"]["digits"])
+    labels = json.loads((tmp_path / config.LABELS_FILE).read_text())
+    assert labels == sorted(set(" ".join(texts))) and " " in labels

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--sample-rate", type=int, default=16000)
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--vocabulary", choices=("digits", "commands"), default="digits")
+    data.add_argument("--language", choices=("en", "es"), default="en", help="the words and the espeak-ng voices")
     data.add_argument("--snr-db", type=float, default=None, help="add white noise at this signal-to-noise ratio")
     data.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel espeak-ng/sox processes")
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("make-data: --hours and --sample-rate must be positive")
         from speechtune_trainer.data import make_data
 
-        make_data(args.out, args.hours, args.sample_rate, args.seed, args.vocabulary, args.snr_db, args.workers)
+        make_data(args.out, args.hours, args.sample_rate, args.seed, args.vocabulary, args.snr_db, args.workers, args.language)
         return 0
     problems = config.problems(args)
     if problems:

@@ -8,14 +8,16 @@ it to NeMo's model classes unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 ENCODERS = ("conformer", "transformer", "lstm", "gru")
 DECODERS = ("ctc", "transducer", "hybrid")
 SCHEDULES = ("noam", "warmup-cosine", "warmup-exponential", "plateau")
-# Character vocabulary: no tokenizer to train, and it covers both make-data vocabularies.
-LABELS = list(" abcdefghijklmnopqrstuvwxyz'")
+LABELS_FILE = "labels.json"  # make-data's character set, the default vocabulary
+INIT_SUFFIXES = (".ckpt", ".nemo")
 SUBSAMPLING_FACTOR = 4
 DEFAULT_CTC_WEIGHT = 0.3
 FINAL_LR_RATIO = 0.01  # cosine and exponential decay to lr * FINAL_LR_RATIO at the last step
@@ -24,6 +26,10 @@ FINAL_LR_RATIO = 0.01  # cosine and exponential decay to lr * FINAL_LR_RATIO at 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare every `asr` flag. The CLI also accepts each with underscores (`--n_mels=64`)."""
     parser.add_argument("--data", type=Path, required=True, help="directory written by make-data")
+    parser.add_argument(
+        "--labels", default=None,
+        help="the model's characters, e.g. \" abcdefghijklmnopqrstuvwxyz'\" (default: DATA/labels.json, else the transcripts')",
+    )
     audio = parser.add_argument_group("audio")
     audio.add_argument("--sample-rate", type=int, default=16000, help="Hz; audio is resampled on load")
     audio.add_argument("--win-length-ms", type=float, default=25.0, help="STFT window; n_fft is the next power of 2")
@@ -62,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fidelity.add_argument("--train-hours", type=float, default=None, help="train on the first H hours of train_manifest.json")
     run = parser.add_argument_group("run")
     run.add_argument("--checkpoint-dir", type=Path, default=None, help="save every epoch; resume from here if a checkpoint exists")
+    run.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from this .ckpt or .nemo model's weights, output rows mapped by character; resuming --checkpoint-dir wins",
+    )
     run.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
     run.add_argument(
         "--precision", choices=("auto", "32", "bf16-mixed", "16-mixed"), default="auto", help="auto: bf16-mixed on GPU, 32 on CPU"
@@ -72,6 +82,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def n_fft(args: argparse.Namespace) -> int:
     """The smallest power of two that holds one analysis window."""
     return 2 ** math.ceil(math.log2(args.win_length_ms / 1000 * args.sample_rate))
+
+
+def character_set(texts: Iterable[str]) -> list[str]:
+    """The sorted characters of `texts`, with the space that separates words even if no text has two."""
+    return sorted(set(" ").union(*texts))
+
+
+def transcripts(data: Path) -> list[str]:
+    """The train and dev transcripts: the texts NeMo turns into label ids."""
+    return [
+        json.loads(line)["text"]
+        for split in ("train", "dev")
+        for line in (data / f"{split}_manifest.json").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+
+
+def labels(args: argparse.Namespace) -> list[str]:
+    """The model's characters: --labels, else DATA/labels.json, else the transcripts' characters (older corpora)."""
+    if args.labels is not None:
+        return list(args.labels)
+    path = args.data / LABELS_FILE
+    if not path.is_file():
+        return character_set(transcripts(args.data))
+    found = json.loads(path.read_text(encoding="utf-8"))
+    if not (isinstance(found, list) and all(isinstance(label, str) and len(label) == 1 for label in found)):
+        raise ValueError(f"{path} is not a JSON list of single characters")
+    return found
+
+
+def label_problems(args: argparse.Namespace) -> list[str]:
+    """A label set that is empty, repeats a character, or lacks one the transcripts use (NeMo would silently drop it)."""
+    source = "--labels" if args.labels is not None else f"--data {args.data}: {LABELS_FILE}"
+    try:
+        vocabulary, texts = labels(args), transcripts(args.data)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return [f"--data {args.data}: cannot read the labels or transcripts: {error}"]
+    if not vocabulary:
+        return [f"{source} is empty"]
+    found = []
+    repeated = sorted({label for label in vocabulary if vocabulary.count(label) > 1})
+    if repeated:
+        found.append(f"{source} repeats {', '.join(map(repr, repeated))}")
+    missing = sorted(set("".join(texts)) - set(vocabulary))
+    if missing:
+        found.append(f"{source} lacks {', '.join(map(repr, missing))}, used in the train/dev transcripts")
+    return found
 
 
 def problems(args: argparse.Namespace) -> list[str]:
@@ -128,9 +185,16 @@ def problems(args: argparse.Namespace) -> list[str]:
         found.append(f"--schedule-epochs ({args.schedule_epochs}) is below --epochs ({args.epochs}): the schedule would end before training")
     if args.train_hours is not None and not args.train_hours > 0:
         found.append(f"--train-hours must be positive, got {args.train_hours}")
-    for split in ("train", "dev"):
-        if not (args.data / f"{split}_manifest.json").is_file():
-            found.append(f"--data {args.data} has no {split}_manifest.json; create it with `speechtune-trainer make-data`")
+    if args.init_from is not None:
+        if not args.init_from.is_file():
+            found.append(f"--init-from {args.init_from}: no such file")
+        elif args.init_from.suffix not in INIT_SUFFIXES:
+            found.append(f"--init-from {args.init_from}: expected a Lightning .ckpt or a NeMo .nemo file")
+    absent = [split for split in ("train", "dev") if not (args.data / f"{split}_manifest.json").is_file()]
+    for split in absent:
+        found.append(f"--data {args.data} has no {split}_manifest.json; create it with `speechtune-trainer make-data`")
+    if not absent:
+        found.extend(label_problems(args))
     return found
 
 
@@ -219,17 +283,20 @@ def lr_for_optimizer(args: argparse.Namespace) -> float:
 
 def model_config(args: argparse.Namespace, train_manifest: Path, dev_manifest: Path, max_steps: int, num_workers: int) -> dict:
     """The full NeMo model config (the `model:` section of NeMo's YAML) for these flags."""
+    vocabulary = labels(args)
     dataset = {
-        "labels": LABELS,
+        "labels": vocabulary,
         "sample_rate": args.sample_rate,
         "batch_size": args.batch_size,
         "num_workers": num_workers,
         "pin_memory": num_workers > 0,
         "trim_silence": False,
-        "normalize": True,  # lower-case text; make-data already writes lower-case words
+        # Transcripts are tokenised as written (NeMo's default): no English normalisation to
+        # transliterate other languages; problems() checked every character is a label.
+        "normalize_transcripts": False,
     }
     cfg: dict = {
-        "labels": LABELS,
+        "labels": vocabulary,
         "sample_rate": args.sample_rate,
         "log_prediction": False,
         "train_ds": {**dataset, "manifest_filepath": str(train_manifest), "shuffle": True},
@@ -267,8 +334,8 @@ def model_config(args: argparse.Namespace, train_manifest: Path, dev_manifest: P
     ctc_decoder = {
         "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
         "feat_in": args.d_model,
-        "num_classes": len(LABELS),
-        "vocabulary": LABELS,
+        "num_classes": len(vocabulary),
+        "vocabulary": vocabulary,
     }
     if args.decoder == "ctc":
         cfg["decoder"] = ctc_decoder

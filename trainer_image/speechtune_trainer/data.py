@@ -4,7 +4,8 @@ Every utterance is planned up front from one seeded RNG (text, voice, speed, pit
 synthesised in parallel and written under its planned index, so the manifests and the audio
 are the same for the same seed however the workers interleave. Audio paths in the manifests
 are relative to the data directory (NeMo resolves them against the manifest's folder), so a
-corpus can be moved or mounted anywhere.
+corpus can be moved or mounted anywhere. `labels.json` holds the corpus's characters, the
+ASR model's vocabulary (config.labels).
 """
 
 from __future__ import annotations
@@ -19,12 +20,25 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from speechtune_trainer.config import LABELS_FILE, character_set
+
+# Each language's words, lower-case, the same meanings in the same order (make-data --language).
 VOCABULARIES = {
-    "digits": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
-    "commands": ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "forward", "backward"),
+    "en": {
+        "digits": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+        "commands": ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "forward", "backward"),
+    },
+    "es": {
+        "digits": ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"),
+        "commands": ("sí", "no", "arriba", "abajo", "izquierda", "derecha", "enciende", "apaga", "para", "ve", "adelante", "atrás"),
+    },
 }
 WORDS_PER_UTTERANCE = {"digits": (1, 5), "commands": (1, 3)}
-VOICES = ("en", "en-us", "en-gb", "en-gb-scotland", "en-029")
+# espeak-ng's own voices for the language (`espeak-ng --voices=es`); the mbrola ones need extra packages.
+VOICES = {
+    "en": ("en", "en-us", "en-gb", "en-gb-scotland", "en-029"),
+    "es": ("es", "es-419"),
+}
 VARIANTS = ("", "+m1", "+m3", "+m5", "+m7", "+f1", "+f2", "+f3", "+f4")
 SPEED_WPM = (130, 210)  # espeak-ng -s
 PITCH = (25, 75)  # espeak-ng -p, 0..99
@@ -49,16 +63,17 @@ class Utterance:
         return 0.35 + len(self.text.split()) * 60.0 / self.speed
 
 
-def plan(hours: float, seed: int, vocabulary: str) -> list[Utterance]:
+def plan(hours: float, seed: int, vocabulary: str, language: str = "en") -> list[Utterance]:
     """Choose every utterance of the corpus from the seed alone, until the planned audio reaches `hours`."""
     rng = random.Random(seed)
-    words = VOCABULARIES[vocabulary]
+    words = VOCABULARIES[language][vocabulary]
+    voices = VOICES[language]
     low, high = WORDS_PER_UTTERANCE[vocabulary]
     drafts: list[Utterance] = []
     total = 0.0
     while total < hours * 3600:
         text = " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
-        voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+        voice = rng.choice(voices) + rng.choice(VARIANTS)
         draft = Utterance("train", 0, text, voice, rng.randint(*SPEED_WPM), rng.randint(*PITCH))
         drafts.append(draft)
         total += draft.estimated_seconds()
@@ -108,12 +123,13 @@ def make_data(
     vocabulary: str = "digits",
     snr_db: float | None = None,
     workers: int = 4,
+    language: str = "en",
 ) -> dict[str, Path]:
-    """Write `{train,dev,test}_manifest.json` and their audio under `out`; return the manifest paths."""
+    """Write `{train,dev,test}_manifest.json`, their audio and `labels.json` under `out`; return the manifest paths."""
     from rich.console import Console
     from rich.progress import Progress
 
-    utterances = plan(hours, seed, vocabulary)
+    utterances = plan(hours, seed, vocabulary, language)
     for split in ("train", "dev", "test"):
         (out / "audio" / split).mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
@@ -128,4 +144,6 @@ def make_data(
         manifests[split] = out / f"{split}_manifest.json"
         lines = [json.dumps(e) for u, e in zip(utterances, entries) if u.split == split]
         manifests[split].write_text("\n".join(lines) + "\n")
+    labels = character_set(utt.text for utt in utterances)
+    (out / LABELS_FILE).write_text(json.dumps(labels, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifests

@@ -56,7 +56,7 @@ def training_manifest(data: Path, hours: float | None, workdir: Path) -> tuple[P
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train (or resume) one trial; return the process exit code."""
+    """Train (or resume) one trial, optionally from --init-from's weights; return the process exit code."""
     threads = args.threads or cpu_budget()
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -67,7 +67,7 @@ def train(args: argparse.Namespace) -> int:
 
     from nemo.collections.asr.models import EncDecCTCModel, EncDecHybridRNNTCTCModel, EncDecRNNTModel
     from nemo.utils import logging as nemo_logging
-    from speechtune_trainer import encoders, schedules
+    from speechtune_trainer import encoders, schedules, transfer
     from speechtune_trainer.reporting import CharErrorCounter, ProtocolReporter
 
     torch.set_num_threads(threads)
@@ -122,10 +122,20 @@ def train(args: argparse.Namespace) -> int:
         )
         model_class = {"ctc": EncDecCTCModel, "transducer": EncDecRNNTModel, "hybrid": EncDecHybridRNNTCTCModel}
         model = model_class[args.decoder](cfg=cfg, trainer=trainer)
+        checkpoint = args.checkpoint_dir / CHECKPOINT if args.checkpoint_dir else None
+        resuming = checkpoint is not None and checkpoint.exists()
+        if args.init_from and resuming:
+            # The run is being continued: its own checkpoint already started from --init-from.
+            print(f"init-from {args.init_from}: not loaded, resuming from {checkpoint}", file=sys.stderr)
+        elif args.init_from:
+            try:
+                print(transfer.init_from(model, args.init_from, list(cfg.labels)), file=sys.stderr)
+            except transfer.IncompatibleCheckpoint as error:
+                print(f"speechtune-trainer asr: error: --init-from {args.init_from}: {error}", file=sys.stderr)
+                return 2
         reporter = ProtocolReporter(CharErrorCounter(model.wer))
         trainer.callbacks.append(reporter)
-        checkpoint = args.checkpoint_dir / CHECKPOINT if args.checkpoint_dir else None
-        trainer.fit(model, ckpt_path=checkpoint if checkpoint and checkpoint.exists() else None)
+        trainer.fit(model, ckpt_path=checkpoint if resuming else None)
     if reporter.last is None:
         print("speechtune-trainer asr: error: stopped before the first epoch was validated", file=sys.stderr)
         return 1
