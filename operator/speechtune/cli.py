@@ -198,8 +198,10 @@ class _Display:
             self.progress.update(self.task, completed=done, total=self.engine.scheduler.total_trials())
             best = self.engine.best_trial()
             best_text = f"best {self.study.objective.metric} {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
+            stage = self.engine.scheduler.stage_now()
             line = Text(
-                f"running {counts['RUNNING']}  complete {counts['COMPLETE']}  pruned {counts['PRUNED']}  "
+                (f"stage {stage}  |  " if stage else "")
+                + f"running {counts['RUNNING']}  complete {counts['COMPLETE']}  pruned {counts['PRUNED']}  "
                 f"failed {counts['FAIL']}  |  {best_text}"
             )
         return Group(self.progress, line)
