@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
@@ -118,32 +118,29 @@ class _HyperbandPruner(optuna.pruners.HyperbandPruner):
         return bracket
 
 
-class BoundedHistorySampler(BaseSampler):
-    """Gives a history-based sampler a bounded view of the study.
+class ViewSampler(BaseSampler):
+    """A sampler that shows the sampler it wraps only a view of the study (``view``) and, per
+    parameter, possibly a narrower distribution (``distribution``); otherwise it delegates."""
 
-    Below ``window`` trials this is exactly the wrapped sampler. Above it, the
-    sampler sees the most recent trials (finished ones and those still running)
-    and the ``elite`` best complete trials, so its cost stops growing with the
-    study while it still knows the best region found so far.
-    """
-
-    def __init__(self, base: BaseSampler, window: int = HISTORY_WINDOW, elite: int = HISTORY_ELITE):
+    def __init__(self, base: BaseSampler):
         self.base = base
-        self.window = window
-        self.elite = elite
-        self._elite: dict[int, FrozenTrial] = {}  # the best complete trials seen so far, by number
 
-    def _view(self, study: optuna.Study) -> Any:
-        return _HistoryView(study, self)
+    def view(self, study: optuna.Study) -> StudyView:
+        raise NotImplementedError
+
+    def distribution(self, name: str, distribution: BaseDistribution) -> BaseDistribution:
+        return distribution
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(self._view(study), trial)
+        # The study's own distributions: Optuna checks them against the asked ones (a categorical may not change).
+        return self.base.infer_relative_search_space(self.view(study), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.base.sample_relative(self._view(study), trial, search_space)
+        narrowed = {name: self.distribution(name, dist) for name, dist in search_space.items()}
+        return self.base.sample_relative(self.view(study), trial, narrowed)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        return self.base.sample_independent(self._view(study), trial, param_name, param_distribution)
+        return self.base.sample_independent(self.view(study), trial, param_name, self.distribution(param_name, param_distribution))
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.base.before_trial(study, trial)
@@ -153,6 +150,46 @@ class BoundedHistorySampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+class StudyView:
+    """A study proxy whose trial lists pass through ``select``: what a wrapped sampler may see."""
+
+    def __init__(self, study: optuna.Study, select: Callable[[list[FrozenTrial]], list[FrozenTrial]]):
+        self._wrapped = study
+        self._select = select
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
+        return self._select(self._wrapped._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache))
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
+
+class BoundedHistorySampler(ViewSampler):
+    """Gives a history-based sampler a bounded view of the study.
+
+    Below ``window`` trials this is exactly the wrapped sampler. Above it, the
+    sampler sees the most recent trials (finished ones and those still running)
+    and the ``elite`` best complete trials, so its cost stops growing with the
+    study while it still knows the best region found so far.
+    """
+
+    def __init__(self, base: BaseSampler, window: int = HISTORY_WINDOW, elite: int = HISTORY_ELITE):
+        super().__init__(base)
+        self.window = window
+        self.elite = elite
+        self._elite: dict[int, FrozenTrial] = {}  # the best complete trials seen so far, by number
+
+    def view(self, study: optuna.Study) -> StudyView:
+        return StudyView(study, lambda trials: self.select(trials, study.directions[0]))
 
     def select(self, trials: list[FrozenTrial], direction: StudyDirection) -> list[FrozenTrial]:
         """The window: recent trials from the end of the list, plus the best complete ones seen.
@@ -183,25 +220,3 @@ class BoundedHistorySampler(BaseSampler):
         chosen = {t.number for t in recent}
         best = [t for t in self._elite.values() if t.number not in chosen]
         return sorted(best + recent, key=lambda t: t.number) + unfinished[::-1]
-
-
-class _HistoryView:
-    """A study proxy whose trial lists are cut to the sampler's window."""
-
-    def __init__(self, study: optuna.Study, sampler: BoundedHistorySampler):
-        self._wrapped = study
-        self._sampler = sampler
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._wrapped._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return self._sampler.select(trials, self._wrapped.directions[0])
-
-    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()

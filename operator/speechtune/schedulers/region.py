@@ -14,13 +14,14 @@ models a point outside its ranges, and the earlier stages' in-region trials are 
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
-from optuna.trial import FrozenTrial, TrialState
+
+from speechtune.search import StudyView, ViewSampler
 
 Region = dict[str, BaseDistribution]
 
@@ -83,56 +84,15 @@ def describe(region: Region) -> dict[str, Any]:
     return described
 
 
-class RegionSampler(BaseSampler):
+class RegionSampler(ViewSampler):
     """Samples inside a region: the wrapped sampler sees the narrowed distributions and only the trials within them."""
 
     def __init__(self, base: BaseSampler, region: Region):
-        self.base = base
+        super().__init__(base)
         self.region = region
 
-    def _view(self, study: optuna.Study) -> Any:
-        return _RegionView(study, self.region)
+    def view(self, study: optuna.Study) -> StudyView:
+        return StudyView(study, lambda trials: [t for t in trials if contains(self.region, t.params)])
 
-    def _narrowed(self, space: Mapping[str, BaseDistribution]) -> dict[str, BaseDistribution]:
-        return {name: self.region.get(name, dist) for name, dist in space.items()}
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        # The study's own distributions: Optuna checks them against the asked ones (a categorical may not change).
-        return self.base.infer_relative_search_space(self._view(study), trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.base.sample_relative(self._view(study), trial, self._narrowed(search_space))
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        return self.base.sample_independent(self._view(study), trial, param_name, self.region.get(param_name, param_distribution))
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
-
-
-class _RegionView:
-    """A study proxy whose trial lists hold only the trials inside the region."""
-
-    def __init__(self, study: optuna.Study, region: Region):
-        self._wrapped = study
-        self._region = region
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
-
-    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._wrapped._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return [t for t in trials if contains(self._region, t.params)]
-
-    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self) -> list[FrozenTrial]:
-        return self.get_trials()
+    def distribution(self, name: str, distribution: BaseDistribution) -> BaseDistribution:
+        return self.region.get(name, distribution)
