@@ -59,7 +59,7 @@ def template(args: argparse.Namespace) -> dict:
     if args.trainer == "fake":
         return {"command": [sys.executable, "-m", "speechtune.fake_trainer"], "args": ["--epochs", str(args.epochs)]}
     return {"command": [sys.executable, str(ROOT / "bench" / "timed_run.py"), "speechtune-trainer", "asr"],
-            "args": ["--data", str((args.folder / "data-en").resolve()), "--epochs", str(args.epochs), "--warmup-steps", "10",
+            "args": ["--data", str((args.folder / "data-en").resolve()), "--epochs", str(args.epochs), "--warmup-steps", "30",
                      "--accelerator", "cpu", "--threads", "1", "--seed", "0"]}
 
 
@@ -110,8 +110,8 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trainer", choices=("nemo", "fake"), default="nemo")
-    parser.add_argument("--hours", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--hours", type=float, default=0.2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--trials", type=int, default=9, help="trials per arm, validation not counted")
     parser.add_argument("--startup-trials", type=int, default=3)
     parser.add_argument("--parallelism", type=int, default=2)

@@ -43,12 +43,14 @@ from speechtune.storage import WriteThroughStorage, open_rdb
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("cold", "warm", "transfer")
 ARCHITECTURE = ["encoder", "num_layers", "d_model", "n_mels"]
+# Conformer only: in a few epochs on a few hundred utterances an LSTM stays at WER 1.0 (seen in
+# a first run of this benchmark), and a study whose every trial scores 1.0 measures nothing.
 SPACE = [
-    {"name": "encoder", "categorical": ["conformer", "lstm"]},
+    {"name": "encoder", "categorical": ["conformer"]},
     {"name": "num_layers", "int": {"low": 1, "high": 2}},
     {"name": "d_model", "categorical": [64, 96]},
     {"name": "n_mels", "int": {"low": 40, "high": 80, "step": 8}},
-    {"name": "lr", "float": {"low": 5.0e-4, "high": 8.0e-3, "log": True}},
+    {"name": "lr", "float": {"low": 1.5e-3, "high": 6.0e-3, "log": True}},
     {"name": "freq_masks", "int": {"low": 0, "high": 2}},
     {"name": "time_masks", "int": {"low": 0, "high": 2}},
 ]
@@ -69,7 +71,7 @@ def manifest(name: str, data: Path, seed: int, trials: int, args: argparse.Names
             "searchSpace": SPACE,
             "trialTemplate": {
                 "command": [sys.executable, str(ROOT / "bench" / "timed_run.py"), "speechtune-trainer", "asr"],
-                "args": ["--data", str(data.resolve()), "--epochs", str(args.epochs), "--warmup-steps", "10",
+                "args": ["--data", str(data.resolve()), "--epochs", str(args.epochs), "--warmup-steps", "30",
                          "--accelerator", "cpu", "--threads", "1", "--seed", "0"],
             },
             "storage": {"url": f"sqlite:///{args.folder / 'transfer.db'}"},
@@ -149,10 +151,10 @@ def _std(values: list[float]) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--hours", type=float, default=0.2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--source-trials", type=int, default=6)
-    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--startup-trials", type=int, default=3)
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
