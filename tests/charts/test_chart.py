@@ -278,3 +278,39 @@ def test_every_rule_of_the_charts_role_is_needed(installed, tmp_path):
         if "forbidden" not in (text + json.dumps(status)).lower():
             unneeded.append((rule, status.get("state")))
     assert not unneeded, f"nothing is refused without these rules: {unneeded}"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("installed", ["namespaced"], indirect=True)
+def test_a_staged_study_warm_started_by_name_runs_with_only_the_charts_rbac(installed, tmp_path):
+    """What stages and warm start add: the source SpeechTuningStudy read by name, its storage's Secret
+    (spec.warmStart.storage.secretRef), the stage Events the runner posts itself."""
+    cluster, team, deployment, kubeconfig = installed
+    log = tmp_path / "operator.log"
+    db = {"secretRef": {"name": "study-db", "key": "url"}}
+    source = small_study("source", ["--epochs", "2", "--sleep", "0.1"], maxTrials=2, parallelism=2, storage=db)
+    staged = small_study("staged", ["--epochs", "2", "--sleep", "0.1"], parallelism=2, storage=db,
+                         stages=[{"name": "baseline", "kind": "baseline"}, {"name": "search", "kind": "search", "maxTrials": 2},
+                                 {"name": "check", "kind": "validate", "seeds": 1}],
+                         warmStart={"study": "source", "topK": 1, "storage": db})
+    operator = operator_process(cluster, deployment, kubeconfig, log)
+    try:
+        for body in (source, staged):  # together: the staged study waits for its source to end
+            cluster.kubectl("apply", "-n", team, "-f", "-", input=json.dumps(body))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "forbidden" not in (log.read_text() if log.exists() else "").lower():
+            status = study_status(cluster, team, "staged")
+            if status.get("state") in ("Succeeded", "Failed"):
+                break
+            time.sleep(0.5)
+        time.sleep(1)  # the last Events
+        reasons = {event["reason"] for event in get_json(cluster, "events", "-n", team, "--field-selector",
+                                                         "involvedObject.name=staged")["items"]}
+    finally:
+        stop_operator(operator)
+    text = log.read_text()
+    assert status.get("state") == "Succeeded", (status, text[-3000:])
+    assert "forbidden" not in text.lower(), text[-3000:]
+    assert [(stage["name"], stage["state"]) for stage in status["stages"]] == [
+        ("baseline", "Succeeded"), ("search", "Succeeded"), ("check", "Succeeded")]
+    assert {"StageStarted", "StageFinished", "WarmStarted", "StudySucceeded"} <= reasons, reasons

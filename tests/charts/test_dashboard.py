@@ -23,6 +23,7 @@ from tests.support.prometheus import prometheus_server
 
 DASHBOARD = REPO / "charts" / "speechtune" / "dashboards" / "speechtune.json"
 LADDER = REPO / "examples" / "k8s" / "fake-ladder.yaml"
+STAGED = REPO / "examples" / "k8s" / "staged-study.yaml"
 JOB = "speechtune-operator"
 # What Grafana puts in for its built-in variables, at a 1 s scrape interval and a 5 min range.
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
@@ -127,6 +128,19 @@ def gpu_study() -> dict:
     return body
 
 
+def staged_study() -> dict:
+    """examples/k8s/staged-study.yaml with smaller stages: every stage panel gets its series (a stage's trials
+    finishing, its best value, which stage runs) without slowing the other two studies down much."""
+    body = yaml.safe_load(STAGED.read_text())
+    body["spec"]["parallelism"] = 2
+    for stage in body["spec"]["stages"]:
+        if "maxTrials" in stage:
+            stage["maxTrials"] = 4
+    stage = body["spec"]["stages"][2]
+    stage["sampler"]["startupTrials"], stage["pruner"]["startupTrials"] = 2, 2
+    return body
+
+
 def resolve_variables(prom, namespace: str) -> dict[str, str]:
     """The query variables as Grafana resolves them (label_values through the HTTP API), with our namespace
     picked and every study selected; empty until Prometheus has seen the studies."""
@@ -155,12 +169,12 @@ def sample(prom, promql: str) -> float:
 
 
 @pytest.mark.cluster
-def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gpu_study_and_a_ladder(
+def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gpu_study_a_ladder_and_stages(
         crds, kube_namespace, postgres_url, tmp_path):
     cluster = crds
     port = free_port()
     log = tmp_path / "operator.log"
-    studies = [gpu_study(), yaml.safe_load(LADDER.read_text())]
+    studies = [gpu_study(), yaml.safe_load(LADDER.read_text()), staged_study()]
     with prometheus_server([f"127.0.0.1:{port}"], job=JOB) as prom:
         operator = subprocess.Popen(
             [sys.executable, "-m", "speechtune.k8s", "-n", kube_namespace, f"--liveness=http://127.0.0.1:{free_port()}/healthz"],
@@ -182,12 +196,21 @@ def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gp
             for body in studies:
                 wait_until(lambda: study_status(cluster, kube_namespace, body["metadata"]["name"]).get("state") == "Succeeded",
                            timeout=120, what=f"study {body['metadata']['name']} to succeed")
-            gpu_name, ladder_name = optuna_names
+            gpu_name, ladder_name, staged_name = optuna_names
             wait_until(lambda: prom.query(f'sum(speechtune_trials_finished_total{{study="{gpu_name}"}}) == 8'),
                        timeout=10, what="Prometheus to scrape the GPU study's last trial")
             gpu_seconds = sample(prom, f'speechtune_gpu_seconds_total{{study="{gpu_name}"}}')
             run_seconds = sample(prom, f'sum(speechtune_trial_duration_seconds_sum{{study="{gpu_name}"}})')
             ladder_gpu_seconds = sample(prom, f'speechtune_gpu_seconds_total{{study="{ladder_name}"}}')
+            wait_until(lambda: prom.query(f'sum(speechtune_trials_finished_total{{study="{staged_name}"}}) == 2 + 4 + 4'),
+                       timeout=10, what="Prometheus to scrape the staged study's last trial")
+            by_stage = {series["metric"]["stage"]: float(series["value"][1]) for series in prom.query(
+                f'sum by (stage) (speechtune_trials_finished_total{{study="{staged_name}"}})')}
+            wait_until(lambda: prom.query(f'speechtune_stage_best_value{{study="{staged_name}", stage="validate"}}'),
+                       timeout=10, what="Prometheus to scrape the validate stage's mean")
+            best_by_stage = {series["metric"]["stage"] for series in prom.query(f'speechtune_stage_best_value{{study="{staged_name}"}}')}
+            plain_stages = {series["metric"].get("stage", "") for series in prom.query(
+                f'speechtune_trials_finished_total{{study=~"{gpu_name}|{ladder_name}"}}')}
         finally:
             delete_studies(cluster, kube_namespace)
             stop_operator(operator)
@@ -195,3 +218,6 @@ def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gp
         + "\noperator log:\n" + log.read_text()[-3000:]
     assert 0.5 * run_seconds <= gpu_seconds <= run_seconds, (gpu_seconds, run_seconds)  # 1 GPU x each trial's run time
     assert ladder_gpu_seconds == 0  # its trials request no GPU
+    assert by_stage == {"baseline": 2, "coarse": 4, "fine": 4}  # a validate stage reruns a trial: it finishes none
+    assert best_by_stage == {"baseline", "coarse", "fine", "validate"}
+    assert plain_stages == {""}  # without stages the label is empty, so sums over the other labels are unchanged

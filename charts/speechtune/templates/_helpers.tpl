@@ -41,7 +41,8 @@ The operator's permissions in a namespace it watches: exactly the calls it makes
 Shared by the per-namespace Roles and the cluster-wide ClusterRole.
 */}}
 {{- define "speechtune.operatorRules" -}}
-# Studies: kopf watches them, holds its finalizer on them and records its progress on them.
+# Studies: kopf watches them, holds its finalizer on them and records its progress on them;
+# the runner reads the one spec.warmStart.study names (get) for its Optuna study and state.
 - apiGroups: [speechtune.io]
   resources: [speechtuningstudies]
   verbs: [get, list, watch, patch]
@@ -73,7 +74,7 @@ Shared by the per-namespace Roles and the cluster-wide ClusterRole.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
-# spec.storage.secretRef: a study's own database URL.
+# spec.storage.secretRef: a study's own database URL; spec.warmStart.storage.secretRef: its source's.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]

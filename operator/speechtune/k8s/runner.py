@@ -7,7 +7,10 @@ on without the operator's attention; this loop only mirrors their state into
 the study's and the Trials' status, and turns the engine's events into
 Kubernetes Events. With spec.fidelity the engine is the ladder's (the same
 loop, scheduling level runs), and its rungs, proxy correlations and seed
-validation go into status too.
+validation go into status too; with spec.stages, each stage's state and result
+(status.stages, status.currentStage). spec.warmStart.study is resolved here: a
+SpeechTuningStudy of the namespace is waited for until it ends and stands for
+its Optuna study.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.backend import KubernetesJobBackend
 from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, checkpoint_root, trial_name
 from speechtune.schedulers.ladder import Ladder
-from speechtune.schedulers.stages import Stages
+from speechtune.schedulers.stages import Stages, describe_result
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ SYNC_SECONDS = 1.0  # how often running trials' progress reaches their status
 RETRY_SECONDS = 10.0  # after a storage or API problem
 PATCH_CONCURRENCY = 16
 
+STAGE_EVENTS = ("stage-started", "stage-finished")  # posted from the stage records, once each: see _post_stage_events
 EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "started": ("Normal", "TrialStarted"),
     "pruned": ("Normal", "TrialPruned"),
@@ -101,6 +105,10 @@ async def warm_start_url(api: Api, namespace: str, study: spec.Study, own_url: s
         raise spec.SpecError([(str(problem).split(":")[0].replace("spec.storage", "spec.warmStart.storage"), str(problem))]) from None
 
 
+class SourceNotReady(RuntimeError):
+    """spec.warmStart.study names a SpeechTuningStudy that has not ended yet: the study waits (Pending) for it."""
+
+
 class StudyRunner:
     """Runs one SpeechTuningStudy until it is deleted or the operator stops."""
 
@@ -115,6 +123,8 @@ class StudyRunner:
         self._wake = asyncio.Event()
         self._last_status: dict[str, Any] = {}
         self._settled: set[int] = set()  # finished trials whose final status is written
+        self._warm_source: str | None = None  # the Optuna study spec.warmStart.study resolved to (status.warmStartSource)
+        self._posted: set[str] = set()  # names of the stage Events known to exist
 
     # -- the loop -----------------------------------------------------------------
     async def run(self, stopped: Any) -> None:
@@ -141,6 +151,9 @@ class StudyRunner:
             except spec.SpecError as error:  # found only with the storage: a bad warm-start source
                 await self._set_state("Failed", "InvalidSpec", str(error).replace("\n", "; "), generation)
                 await self._until_changed(generation, stopped)
+            except SourceNotReady as waiting:
+                await self._set_state("Pending", "WaitingForSource", str(waiting), generation)
+                await stopped.wait(RETRY_SECONDS)
             except (StorageUnavailable, ApiError, aiohttp.ClientError, asyncio.TimeoutError,
                     optuna.exceptions.OptunaError) as error:
                 log.warning("study %s/%s: %s; retrying in %.0f s", self.namespace, self.name, error, RETRY_SECONDS)
@@ -153,12 +166,12 @@ class StudyRunner:
                           url: str, stopped: Any) -> None:
         owner = Owner(API_VERSION, STUDY_KIND, self.name, self.body["metadata"]["uid"])
         job = dataclasses.replace(options.job, service_account=os.environ.get(TRIAL_SERVICE_ACCOUNT_ENV) or None)
+        warm_url = await warm_start_url(self.api, self.namespace, study, url)
+        study = await self._resolve_source(study)
         backend = KubernetesJobBackend(self.api, self.namespace, owner, job, options.pending_timeout_seconds)
         await backend.start()
         self._settled.clear()
         try:
-            warm_url = await warm_start_url(self.api, self.namespace, study, url)
-            study = await self._resolve_source(study)
             engine = await asyncio.to_thread(self._engine, study, options, storage, backend, warm_url)
             engine.update_budget(**studyspec.budget(_snapshot(self.body)))
             generation = self._generation()
@@ -196,14 +209,36 @@ class StudyRunner:
                         warm_start_url=warm_start_url)
 
     async def _resolve_source(self, study: spec.Study) -> spec.Study:
-        """spec.warmStart.study may name a SpeechTuningStudy of this namespace: its Optuna study is then the source."""
-        if study.warm_start is None:
+        """spec.warmStart.study names a SpeechTuningStudy of this namespace (its Optuna study is the source), else an Optuna study.
+
+        A SpeechTuningStudy is waited for until it has ended (SourceNotReady: the study stays Pending),
+        so a source and its successor can be applied together. The name is resolved once: the Optuna
+        study found when this study started is kept in status.warmStartSource, and a restarted
+        operator reads that one, even once the source object is deleted. In the operator's own
+        storage (neither spec.storage nor spec.warmStart.storage given), which every namespace's
+        studies share, only this namespace's Optuna studies (``<namespace>.<name>.<uid>``) can be a
+        source: another namespace's results are not this one's to read.
+        """
+        warm = study.warm_start
+        if warm is None:
             return study
-        source = await self.api.get(path("speechtuningstudies", self.namespace, study.warm_start.study))
-        optuna_name = ((source or {}).get("status") or {}).get("optunaStudy")
-        if not optuna_name:
-            return study
-        return dataclasses.replace(study, warm_start=dataclasses.replace(study.warm_start, study=optuna_name))
+        name = (self.body.get("status") or {}).get("warmStartSource")
+        if not name:
+            source = await self.api.get(path("speechtuningstudies", self.namespace, warm.study))
+            if source is not None:
+                state = (source.get("status") or {}).get("state") or "Pending"
+                name = (source.get("status") or {}).get("optunaStudy")
+                if state not in ("Succeeded", "Failed") or not name:
+                    raise SourceNotReady(f"spec.warmStart.study: waiting for SpeechTuningStudy {warm.study!r} to end (it is {state})")
+            else:
+                shared = not (study.storage.url or study.storage.secret_name or warm.storage.url or warm.storage.secret_name)
+                if shared and not warm.study.startswith(f"{self.namespace}."):
+                    raise spec.SpecError([("spec.warmStart.study", f"no SpeechTuningStudy {warm.study!r} in namespace {self.namespace}; "
+                                           f"of the operator's storage only this namespace's Optuna studies ({self.namespace}.<name>.<uid>) "
+                                           "can be a source, another study needs spec.warmStart.storage")])
+                name = warm.study
+        self._warm_source = name
+        return dataclasses.replace(study, warm_start=dataclasses.replace(warm, study=name))
 
     # -- status -----------------------------------------------------------------------
     async def _sync(self, engine: Executor, backend: KubernetesJobBackend, state: str, reason: str, message: str, generation: int) -> None:
@@ -237,8 +272,8 @@ class StudyRunner:
         extra: dict[str, Any] = {}
         extra_conditions = []
         attrs = engine.study.user_attrs
-        scheduler = engine.scheduler.current if isinstance(engine.scheduler, Stages) else engine.scheduler
-        if isinstance(scheduler, Ladder):
+        scheduler = _ladder(engine.scheduler)
+        if scheduler is not None:
             names = tuple(level.name for level in scheduler.fidelity.levels)
             extra["fidelity"] = status.fidelity_status(scheduler.rungs(), attrs.get(record.CORRELATIONS, {}), names)
             extra_conditions.append(status.proxy_condition(extra["fidelity"]["correlations"],
@@ -246,9 +281,13 @@ class StudyRunner:
         validation = status.validation_status(attrs.get(record.VALIDATION))
         if validation is not None:
             extra["validation"] = validation
+        if self._warm_source:
+            extra["warmStartSource"] = self._warm_source
         if engine.spec.stages:
-            extra["stages"] = status.stages_status(engine.spec.stages, record.stages(attrs))
+            records = record.stages(attrs)
+            extra["stages"] = status.stages_status(engine.spec.stages, records)
             extra["currentStage"] = status.current_stage(extra["stages"])  # None: the merge patch removes it
+            await self._post_stage_events(engine.spec.stages, records, engine.objective)
         await self._set_state(state, reason, message, generation, counts=status.trial_counts(engine.counts()),
                               best=status.best_trial(engine.best_trial()), extra=extra, extra_conditions=extra_conditions)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - began)
@@ -270,7 +309,47 @@ class StudyRunner:
         await self.api.patch(path("speechtuningstudies", self.namespace, self.name, "status"), {"status": desired})
         self._last_status = {"desired": {k: v for k, v in desired.items() if k != "conditions"}, "conditions": conditions}
 
+    async def _post_stage_events(self, stages: tuple[spec.Stage, ...], records: dict[str, dict[str, Any]], objective: str) -> None:
+        """StageStarted and StageFinished, exactly once per stage, from what storage records.
+
+        The engine records a stage's start and end before it announces them, and kopf posts Events in
+        the background: an operator killed at a stage transition could lose the announcement. So the
+        runner posts these two from the records, each under a name made of the study's uid and the
+        stage; after a restart, posting one again is AlreadyExists.
+        """
+        uid = self.body["metadata"]["uid"][:8]
+        for stage in stages:
+            found = records.get(stage.name, {})
+            wanted = []
+            if found.get("state") in ("Running", "Succeeded"):
+                wanted.append(("stage-started", f"stage {stage.name} ({stage.kind}) started", found.get("startedAt")))
+            if found.get("state") == "Succeeded":
+                wanted.append(("stage-finished", f"stage {stage.name} ({stage.kind}) finished: {describe_result(found, objective)}",
+                               found.get("finishedAt")))
+            for kind, message, at in wanted:
+                name = f"{self.name}.{uid}.{kind}.{stage.name}"
+                if name in self._posted:
+                    continue
+                type_, reason = EVENTS[kind]
+                stamp = datetime.datetime.fromtimestamp(at or time.time(), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                body = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": name, "namespace": self.namespace},
+                        "involvedObject": {"apiVersion": API_VERSION, "kind": STUDY_KIND, "name": self.name,
+                                           "namespace": self.namespace, "uid": self.body["metadata"]["uid"]},
+                        "type": type_, "reason": reason, "message": message[:1000], "count": 1,
+                        "firstTimestamp": stamp, "lastTimestamp": stamp, "source": {"component": "speechtune"},
+                        "reportingComponent": "speechtune", "reportingInstance": "speechtune"}
+                try:
+                    await self.api.create(path("events", self.namespace), body)  # None: AlreadyExists, posted before
+                except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as error:  # Events are auxiliary: never fail the study
+                    log.warning("study %s/%s: cannot post Event %s: %s", self.namespace, self.name, reason, error)
+                    if not isinstance(error, ApiError) or error.status not in (400, 403, 404, 422):
+                        continue  # may pass: the next sync tries again
+                self._posted.add(name)
+
     def _notify(self, event: Event) -> None:
+        if event.kind in STAGE_EVENTS:
+            self._wake.set()  # the next sync posts it, from the stage records
+            return
         kind, reason = EVENTS.get(event.kind, ("Normal", event.kind))
         subject = f"trial {event.number}: " if event.number is not None else ""
         self.post_event(kind, reason, f"{subject}{event.message}"[:1000])
@@ -283,6 +362,18 @@ class StudyRunner:
     async def _until_changed(self, generation: int, stopped: Any) -> None:
         while not stopped and self._generation() == generation:
             await stopped.wait(1.0)
+
+
+def _ladder(scheduler: Any) -> Ladder | None:
+    """The ladder status.fidelity describes: the running one, else the last one that ran.
+
+    With stages (spec.validation.seeds makes the ladder a stage, followed by validation) the
+    ladder has ended when its stage has: its final rungs still belong in status.
+    """
+    if not isinstance(scheduler, Stages):
+        return scheduler if isinstance(scheduler, Ladder) else None
+    ran = [step.scheduler for step in scheduler.steps[: scheduler.index + 1]]
+    return next((found for found in reversed(ran) if isinstance(found, Ladder)), None)
 
 
 def _level_names(study: spec.Study) -> dict[str | None, tuple[str, ...]]:

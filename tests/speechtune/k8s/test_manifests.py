@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import datetime
 import json
 
 import optuna
 import pytest
+import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -22,6 +24,7 @@ from speechtune.k8s.manifests import (
 )
 from speechtune.executor import Executor
 from speechtune.storage import WriteThroughStorage, open_rdb
+from tests.speechtune.k8s.helpers import REPO
 
 STUDY = Owner("speechtune.io/v1alpha1", "SpeechTuningStudy", "digits", "uid-study")
 TEMPLATE = spec.TrialTemplate(command=("python", "-m", "speechtune.fake_trainer"), args=("--epochs", "9"),
@@ -370,3 +373,71 @@ def test_validation_status_is_mean_and_std_over_the_seeds_in_seed_order():
     record = {"trial": 7, "values": {"10": 0.3, "2": 0.1, "1": 0.2}, "mean": 0.2, "std": 0.1}
     assert status.validation_status(record) == {"trial": 7, "mean": 0.2, "std": 0.1, "seeds": 3, "values": [0.2, 0.1, 0.3]}
     assert status.validation_status({"trial": 7, "values": {}, "mean": None}) is None
+
+
+# -- stages and warm start ------------------------------------------------------------------
+
+STAGED = yaml.safe_load((REPO / "examples" / "k8s" / "staged-study.yaml").read_text())
+
+
+def test_the_staged_example_reaches_the_engine_with_each_stages_budget():
+    study, _ = studyspec.parse(STAGED)
+    assert [(s.name, s.kind, s.max_trials, s.seeds) for s in study.stages] == [
+        ("baseline", "baseline", 0, 2), ("coarse", "search", 8, 1), ("fine", "refine", 8, 1), ("validate", "validate", 0, 3)]
+    assert study.max_trials == 2 + 8 + 8  # spec.maxTrials is ignored: the stages' budgets
+
+
+def test_a_staged_trial_status_says_its_stage_and_where_a_warm_start_came_from():
+    trial = status.trial_status(frozen(3, TrialState.COMPLETE, {1: 0.5}, 0.4, stage="coarse",
+                                       warm_start_from="ns.source.1a2b3c4d#7"), "minimize")
+    assert (trial["stage"], trial["warmStartFrom"]) == ("coarse", "ns.source.1a2b3c4d#7")
+    plain = status.trial_status(frozen(4, TrialState.COMPLETE, {1: 0.5}, 0.4), "minimize")
+    assert "stage" not in plain and "warmStartFrom" not in plain
+
+
+def test_stages_status_lists_every_stage_in_spec_order_and_the_current_one():
+    study, _ = studyspec.parse(STAGED)
+    records = {"coarse": {"state": "Running", "kind": "search", "region": {"lr": [1e-5, 1e-2]}},
+               "baseline": {"state": "Succeeded", "trials": 2, "complete": 2, "costSeconds": 3.5,
+                            "best": {"number": 1, "value": 0.4}, "mean": 0.41, "std": 0.01}}
+    found = status.stages_status(study.stages, records)
+    assert found == [
+        {"name": "baseline", "kind": "baseline", "state": "Succeeded", "trials": 2, "complete": 2, "costSeconds": 3.5,
+         "mean": 0.41, "std": 0.01, "bestTrial": 1, "bestValue": 0.4},
+        {"name": "coarse", "kind": "search", "state": "Running", "region": {"lr": ["1e-05", "0.01"]}},
+        {"name": "fine", "kind": "refine", "state": "Pending"},
+        {"name": "validate", "kind": "validate", "state": "Pending"}]
+    assert status.current_stage(found) == "coarse"
+    assert status.current_stage([dict(entry, state="Succeeded") for entry in found]) is None
+
+
+def test_a_staged_study_runs_each_stage_in_turn_and_every_run_is_its_own_job(tmp_path):
+    study, options = studyspec.parse({**STAGED, "metadata": {"name": "staged", "namespace": "ns"}})
+    backend = RecordingBackend()
+    engine = Executor(study, WriteThroughStorage(open_rdb(f"sqlite:///{tmp_path}/staged.db")), backend, study_name="ns.staged.abc")
+    assert asyncio.run(engine.run()).state == "Succeeded"
+    trials = engine.trials()
+    assert collections.Counter(status.trial_status(t, "minimize").get("stage") for t in trials) == {"baseline": 2, "coarse": 8, "fine": 8}
+    found = status.stages_status(study.stages, engine.study.user_attrs["stages"])
+    assert [(entry["name"], entry["state"], entry.get("trials")) for entry in found] == [
+        ("baseline", "Succeeded", 2), ("coarse", "Succeeded", 8), ("fine", "Succeeded", 8), ("validate", "Succeeded", 0)]
+    assert found[3]["seeds"] == 3 and "mean" in found[3] and "std" in found[3]
+    assert status.current_stage(found) is None
+    names = [build_job(Owner("speechtune.io/v1alpha1", "SpeechTuningTrial", trial_name("staged", launch.number), "uid"),
+                       launch, options.job, "staged")["metadata"]["name"] for launch in backend.launches]
+    assert len(names) == len(set(names)) == 2 + 8 + 8 + 3
+    best = engine.best_trial().number
+    assert sorted(name for name in names if "seed" in name) == [f"staged-{best}-seed{seed}" for seed in (1, 2, 3)]
+
+
+def test_spec_checkpoints_volume_is_the_claim_every_trial_job_mounts():
+    body = copy.deepcopy(STAGED)
+    body["spec"]["checkpoints"] = {"keepBest": 2, "volume": "staged-ckpt"}
+    _, options = studyspec.parse(body)
+    assert options.job.checkpoint_claim == "staged-ckpt"
+    body["spec"]["stages"][1]["fidelity"] = {"levels": [{"name": "low"}, {"name": "high"}], "initialTrials": 4,
+                                             "checkpointVolume": "other"}
+    del body["spec"]["stages"][1]["maxTrials"]
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse(body)
+    assert "must be one PVC" in str(error.value)
