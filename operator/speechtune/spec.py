@@ -330,7 +330,8 @@ def stage_trials(stage: Stage) -> int:
         return stage.seeds
     if stage.kind == "validate":
         return 0
-    return stage.fidelity.rung_sizes()[0] if stage.fidelity else stage.max_trials
+    sizes = stage.fidelity.rung_sizes() if stage.fidelity else []
+    return sizes[0] if sizes else stage.max_trials  # a rejected ladder has no levels
 
 
 _STAGE_FIELDS = {
