@@ -17,10 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from speechtune import leaderboard, record, spec
-from speechtune.executor import Event, Executor
+from speechtune.executor import Event, Executor, Outcome
 from speechtune.local import LocalProcessBackend
 from speechtune.schedulers.stages import describe_result
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
+from speechtune.workers import WarmWorkerBackend
 
 DEFAULT_STORAGE = "sqlite:///speechtune.db"
 EXIT_FAILED, EXIT_INVALID = 1, 2
@@ -102,21 +103,32 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
         start_http_server(args.metrics_port, addr="127.0.0.1")
     workdir = args.workdir or Path(".speechtune") / study.name
-    backend = LocalProcessBackend(workdir)
+    warm = study.trial_template.workers.mode == "warm"
+    backend = WarmWorkerBackend(workdir, study.trial_template.workers) if warm else LocalProcessBackend(workdir)
     display = _Display(console, study)
     checkpoints = study.checkpoints.volume or (study.fidelity.checkpoint_volume if study.fidelity else None) or workdir / "checkpoints"
     engine = Executor(study, storage, backend, notify=display.event, checkpoint_root=Path(checkpoints).resolve())
     display.engine = engine
     console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, {_budget(study)}, "
-                  f"{study.parallelism} at a time, sampler {study.sampler.type}, pruner {study.pruner.type}")
+                  f"{study.parallelism} at a time{' in warm workers' if warm else ''}, "
+                  f"sampler {study.sampler.type}, pruner {study.pruner.type}")
     with Live(display, console=console, refresh_per_second=4, transient=True):
-        outcome = asyncio.run(engine.run())
+        outcome = asyncio.run(_run_study(engine, backend))
     console.print(leaderboard.table(engine.study, study.objective.metric, args.top))
     _print_results(engine.study, console)
     colour = "green" if outcome.state == "Succeeded" else "red"
     console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
     console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)
     return 0 if outcome.state == "Succeeded" else EXIT_FAILED
+
+
+async def _run_study(engine: Executor, backend: LocalProcessBackend | WarmWorkerBackend) -> Outcome:
+    """The study to its end; then warm workers exit (cold trials have all ended with their runs)."""
+    try:
+        return await engine.run()
+    finally:
+        if isinstance(backend, WarmWorkerBackend):
+            await backend.close()
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:

@@ -5,9 +5,10 @@ printed in the metric protocol like the real trainer does, so studies and
 pruning behave realistically in seconds. Known parameters have an optimum
 (``OPTIMA``); unknown numeric parameters are ignored, as a trainer ignores
 flags it does not use. Fault flags (``--fail-at``, ``--nan-at``, ``--junk``,
-``--hang``) exercise the engine's error paths. With ``--checkpoint_dir`` it leaves a
-``last.ckpt`` there each epoch; with ``--init_from`` (a file that must exist) its learning curve
-starts 3 epochs ahead, as a warm-started model would.
+``--hang``, and for warm workers ``--raise-at``, ``--oom-at``, ``--forge``) exercise the engine's
+error paths. With ``--checkpoint_dir`` it leaves a ``last.ckpt`` there each epoch; with
+``--init_from`` (a file that must exist) its learning curve starts 3 epochs ahead, as a
+warm-started model would. Started with SPEECHTUNE_WORKER=1 it is a warm worker.
 
     python -m speechtune.fake_trainer --epochs=9 --lr=0.0003 --num_layers=8
 """
@@ -22,7 +23,7 @@ import sys
 import time
 import zlib
 
-from speechtune.protocol import report
+from speechtune.protocol import pause, report, serve, stop_requested, worker_mode
 
 # name -> (optimum, scale, log-scale?)
 OPTIMA: dict[str, tuple[float, float, bool]] = {
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nan-at", type=int, help="report NaN at this epoch")
     parser.add_argument("--junk", action="store_true", help="print junk lines around the reports")
     parser.add_argument("--hang", action="store_true", help="sleep forever after the first report")
+    parser.add_argument("--raise-at", type=int, help="raise an exception at this epoch (a warm worker survives it)")
+    parser.add_argument("--oom-at", type=int, help="raise MemoryError at this epoch (a warm worker is replaced)")
+    parser.add_argument("--forge", metavar="RUN",
+                        help="also report WER 0 for run RUN and untagged, every epoch (a warm worker's backend must ignore both)")
     parser.add_argument("--no-metrics", action="store_true", help="exit 0 without reporting")
     parser.add_argument("--ledger", help="append this trial's number (and attempt) to a file at start (tests count runs)")
     parser.add_argument("--misleading-below-hours", type=float, default=0.0,
@@ -115,14 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for epoch in range(known.start_epoch, known.epochs + 1):
         if known.sleep:
-            time.sleep(known.sleep)
+            pause(known.sleep)
+        if stop_requested():
+            return 0  # the worker ends the run as stopped
         if known.fail_at == epoch:
             print(f"fake trainer: simulated crash at epoch {epoch}", file=sys.stderr)
             return 3
+        if known.raise_at == epoch:
+            raise RuntimeError(f"fake trainer: simulated exception at epoch {epoch}")
+        if known.oom_at == epoch:
+            raise MemoryError(f"fake trainer: simulated out of memory at epoch {epoch}")
         if known.junk:
             _junk()
         value = float("nan") if known.nan_at == epoch else score(epoch)
         report(step=epoch, wer=value, cer=value / 2)
+        if known.forge:
+            _forge(known.forge, epoch)
         if params.get("checkpoint_dir"):  # a stand-in for the model: what a warm start would load
             os.makedirs(params["checkpoint_dir"], exist_ok=True)
             with open(os.path.join(params["checkpoint_dir"], "last.ckpt"), "w") as checkpoint:
@@ -173,6 +186,11 @@ def _flag(arg: str) -> tuple[str, str]:
     return name.replace("-", "_"), value
 
 
+def _forge(other_run: str, epoch: int) -> None:
+    print(json.dumps({"speechtune": 1, "run": other_run, "step": epoch, "wer": 0.0}))
+    print(json.dumps({"speechtune": 1, "step": epoch, "wer": 0.0}), flush=True)
+
+
 def _junk() -> None:
     out = sys.stdout.buffer
     out.write(b'{"speechtune": 1, "step": "three", "wer": 0.0}\n')  # wrong type
@@ -185,4 +203,4 @@ def _junk() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(main) if worker_mode() else main())

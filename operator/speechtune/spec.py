@@ -82,6 +82,20 @@ class Pruner:
     warmup_steps: int = 0
 
 
+WORKER_MODES = ("cold", "warm")
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How runs get processes: one each (cold), or warm workers that run many (docs/engine.md, "Warm workers")."""
+
+    mode: str = "cold"
+    max_runs_per_worker: int = 20
+    stop_grace_seconds: float = 10.0  # a stopped run that has not ended by then costs its worker
+    max_rss_mib: int | None = None  # replace a worker whose resident memory passed this after a run
+    max_gpu_mib: int | None = None  # replace a worker that still holds this much GPU memory after a run
+
+
 @dataclass(frozen=True)
 class TrialTemplate:
     command: tuple[str, ...]
@@ -89,6 +103,7 @@ class TrialTemplate:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
+    workers: Workers = Workers()
 
 
 @dataclass(frozen=True)
@@ -633,7 +648,7 @@ def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
 
 def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     path = "spec.trialTemplate"
-    check.unknown_keys(value, path, {"image", "command", "args", "env", "resources"})
+    check.unknown_keys(value, path, {"image", "command", "args", "env", "resources", "workers"})
     command = value.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command):
         check.fail(f"{path}.command", "is required: a non-empty list of strings, e.g. [speechtune-trainer, asr]")
@@ -654,6 +669,25 @@ def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     return TrialTemplate(
         command=tuple(command), args=tuple(str(arg) for arg in args), image=image,
         env=env, resources=check.mapping(value.get("resources"), f"{path}.resources"),
+        workers=_parse_workers(check.mapping(value.get("workers"), f"{path}.workers"), check),
+    )
+
+
+def _parse_workers(value: dict, check: _Checker) -> Workers:
+    path = "spec.trialTemplate.workers"
+    check.unknown_keys(value, path, {"mode", "maxRunsPerWorker", "stopGraceSeconds", "maxRssMiB", "maxGpuMiB"})
+    grace = value.get("stopGraceSeconds", Workers.stop_grace_seconds)
+    if check.number(grace, f"{path}.stopGraceSeconds") is None:
+        grace = Workers.stop_grace_seconds
+    elif grace <= 0:
+        check.fail(f"{path}.stopGraceSeconds", f"must be > 0, got {grace}")
+    return Workers(
+        mode=check.choice(value.get("mode"), f"{path}.mode", WORKER_MODES, "cold"),
+        max_runs_per_worker=check.integer(value.get("maxRunsPerWorker"), f"{path}.maxRunsPerWorker",
+                                          default=Workers.max_runs_per_worker, minimum=1),
+        stop_grace_seconds=float(grace),
+        max_rss_mib=check.integer(value.get("maxRssMiB"), f"{path}.maxRssMiB", minimum=1),
+        max_gpu_mib=check.integer(value.get("maxGpuMiB"), f"{path}.maxGpuMiB", minimum=1),
     )
 
 

@@ -12,7 +12,7 @@ from speechtune.executor import Executor
 from speechtune.local import LocalProcessBackend
 from speechtune.storage import WriteThroughStorage, open_rdb
 from tests.speechtune.k8s.helpers import REPO
-from tests.speechtune.test_engine import make_study
+from tests.speechtune.test_executor import make_study
 
 
 @pytest.mark.parametrize("resources, gpus", [

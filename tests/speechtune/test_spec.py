@@ -162,3 +162,35 @@ def test_exponent_without_a_dot_is_a_number_in_study_files(tmp_path):
     document = manifest(searchSpace=[{"name": "lr", "float": {"low": "LOW", "high": 1e-2, "log": True}}])
     path.write_text(yaml.safe_dump(document).replace("LOW", "1e-5"))
     assert spec.load_study(path).search_space[0].low == 1e-5
+
+
+def template_with(workers):
+    return manifest(trialTemplate={"command": ["python", "-m", "speechtune.fake_trainer"], "workers": workers})
+
+
+def test_workers_are_cold_unless_the_template_asks_for_warm_ones():
+    assert spec.parse_study(manifest()).trial_template.workers == spec.Workers(mode="cold")
+    workers = spec.parse_study(template_with({"mode": "warm", "maxRunsPerWorker": 5, "stopGraceSeconds": 2.5,
+                                              "maxRssMiB": 4096, "maxGpuMiB": 1024})).trial_template.workers
+    assert workers == spec.Workers(mode="warm", max_runs_per_worker=5, stop_grace_seconds=2.5, max_rss_mib=4096, max_gpu_mib=1024)
+    assert spec.parse_study(template_with({"mode": "warm"})).trial_template.workers == spec.Workers(
+        mode="warm", max_runs_per_worker=20, stop_grace_seconds=10.0, max_rss_mib=None, max_gpu_mib=None)
+
+
+@pytest.mark.parametrize("workers, path, message", [
+    ({"mode": "hot"}, "mode", "unknown value 'hot'; expected one of: cold, warm"),
+    ({"mode": "warm", "maxRunsPerWorker": 0}, "maxRunsPerWorker", "must be >= 1"),
+    ({"mode": "warm", "maxRunsPerWorker": "many"}, "maxRunsPerWorker", "must be an integer"),
+    ({"mode": "warm", "stopGraceSeconds": 0}, "stopGraceSeconds", "must be > 0"),
+    ({"mode": "warm", "stopGraceSeconds": "10s"}, "stopGraceSeconds", "must be a finite number"),
+    ({"mode": "warm", "maxRssMiB": 0.5}, "maxRssMiB", "must be an integer"),
+    ({"mode": "warm", "maxGpuMiB": -1}, "maxGpuMiB", "must be >= 1"),
+    ({"mode": "warm", "reuse": True}, "reuse", "unknown field"),
+])
+def test_bad_workers_values_name_their_field(workers, path, message):
+    problems = problems_of(template_with(workers))
+    assert any(p == f"spec.trialTemplate.workers.{path}" and message in m for p, m in problems), problems
+
+
+def test_workers_must_be_a_mapping():
+    assert ("spec.trialTemplate.workers", "must be a mapping") in problems_of(template_with("warm"))

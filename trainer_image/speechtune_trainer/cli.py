@@ -2,7 +2,8 @@
 
 The tuning engine appends sampled parameters as `--<param>=<value>` with underscores
 (`--n_mels=64`) after the template's own args, so every flag is also accepted with
-underscores, and a repeated flag takes its last value.
+underscores, and a repeated flag takes its last value. Started with SPEECHTUNE_WORKER=1,
+it is a warm worker that executes many runs in-process (worker.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from speechtune.protocol import worker_mode
 from speechtune_trainer import config
 
 
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and worker_mode():
+        from speechtune_trainer.worker import serve
+
+        return serve()
     parser = build_parser()
     args = parser.parse_args(with_dashes(sys.argv[1:] if argv is None else argv))
     if args.command == "make-data":

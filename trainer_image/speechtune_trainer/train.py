@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from speechtune.protocol import report
+from speechtune.protocol import RunStopped, report, stop_requested
 from speechtune_trainer import config
 
 CHECKPOINT = "last.ckpt"
@@ -96,6 +96,18 @@ def train(args: argparse.Namespace) -> int:
                 if hasattr(scheduler_config.scheduler, "max_steps"):
                     scheduler_config.scheduler.max_steps = self.max_steps
 
+    class StopWhenAsked(Callback):
+        """In a warm worker, ends the run at the next batch once the engine asked (pruned, study over).
+        Raising rather than setting trainer.should_stop: Lightning would first validate the whole dev set."""
+
+        def on_train_batch_start(self, *args) -> None:
+            if stop_requested():
+                raise RunStopped
+
+        def on_validation_batch_start(self, *args) -> None:
+            if stop_requested():
+                raise RunStopped
+
     with tempfile.TemporaryDirectory(prefix="speechtune-trainer-") as scratch:
         workdir = args.checkpoint_dir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +117,7 @@ def train(args: argparse.Namespace) -> int:
         cfg = OmegaConf.create(
             config.model_config(args, train_manifest, args.data / "dev_manifest.json", max_steps, num_workers)
         )
-        callbacks: list[Callback] = [ScheduleHorizon(max_steps)]
+        callbacks: list[Callback] = [ScheduleHorizon(max_steps), StopWhenAsked()]
         if args.checkpoint_dir:
             callbacks.append(ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True, save_top_k=0))
         trainer = Trainer(
