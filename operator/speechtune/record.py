@@ -37,6 +37,7 @@ CORRELATIONS = "fidelity_correlations"  # Spearman rho between adjacent ladder l
 VALIDATION = "validation"  # the best configuration retrained with other seeds
 STAGES = "stages"  # each stage's state and result, by stage name
 CHECKPOINT_PINS = "checkpoint_pins"  # trial numbers whose checkpoints other studies warm-start from
+WARM_START = "warm_start"  # what spec.warmStart took from its source, as first read
 KEPT_CHECKPOINTS = "kept_checkpoints"  # trial number (as text) -> checkpoint file, for those still kept
 
 

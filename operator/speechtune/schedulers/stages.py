@@ -153,10 +153,15 @@ class Stages(Scheduler):
         step = self.steps[self.index]
         self.on_begin(step)
         self._scheduler(self.index).prepare()
-        labels = self.executor.labels
+        self._publish_active(self.index)
+        if step.name is not None:  # at 0 from the start: increase() ignores the value a series first appears with
+            for state in ("COMPLETE", "PRUNED", "FAIL"):
+                metrics.TRIALS_FINISHED.labels(**self.executor.labels, stage=step.name, state=state)
+
+    def _publish_active(self, active: int | None) -> None:
         for index, other in enumerate(self.steps):
             if other.name is not None:
-                metrics.STAGE_ACTIVE.labels(**labels, stage=other.name).set(1 if index == self.index else 0)
+                metrics.STAGE_ACTIVE.labels(**self.executor.labels, stage=other.name).set(1 if index == active else 0)
 
     def total_trials(self) -> int:
         return sum(spec.stage_trials(step.stage) if step.stage else self._scheduler(index).total_trials()
@@ -169,6 +174,7 @@ class Stages(Scheduler):
                 return run
             self._finish(self.steps[self.index])  # nothing to start and nothing running: the step is over
             if self.index == len(self.steps) - 1:
+                self._publish_active(None)
                 return None
             self.index += 1
             self._begin()
@@ -241,8 +247,11 @@ def build_stages(executor: Executor) -> Scheduler:
     checkpoints = Checkpoints(executor, study.checkpoints.keep_best, executor.checkpoint_files_here)
     source = None
     if study.warm_start is not None:
-        source = warmstart.load(study.warm_start, study.objective, distributions, executor.storage, executor.warm_start_url,
-                                check_files=executor.checkpoint_files_here)
+        stored = executor.study.user_attrs.get(record.WARM_START)
+        source = warmstart.load(study.warm_start, study.objective, executor.storage, executor.warm_start_url,
+                                check_files=executor.checkpoint_files_here, stored=stored)
+        if stored is None:
+            executor.study.set_user_attr(record.WARM_START, source.as_record())
     fixed_base = dict(source.fixed) if source else {}
     extra = {"init_from": source.init_from} if source and source.init_from else {}
     fidelity_of: dict[str | None, spec.Fidelity | None] = {None: study.fidelity}
@@ -253,7 +262,7 @@ def build_stages(executor: Executor) -> Scheduler:
         pruner_spec = (stage.pruner if stage else None) or study.pruner
         fidelity = stage.fidelity if stage else study.fidelity
         fixed = {**fixed_base, **(stage.fixed if stage else {})}
-        area = dict(source.region) if source else {}
+        area = source.region(distributions, study.warm_start) if source else {}
         if stage is not None and stage.search_space:
             area.update(search.distributions(stage.search_space))
         if stage is not None and stage.kind == "refine":

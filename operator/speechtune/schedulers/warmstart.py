@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from speechtune import record, spec
 from speechtune.schedulers import region as regions
@@ -24,26 +24,42 @@ from speechtune.storage import WriteThroughStorage, open_rdb, redact
 
 @dataclass(frozen=True)
 class Source:
-    """What the source study gives, already checked."""
+    """What the source study gives, already checked; kept in the study (``user_attrs.warm_start``),
+    so a restarted study still knows it if the source has since been deleted."""
 
     study: str
-    top: list[FrozenTrial]  # best first
+    top: list[tuple[int, dict[str, Any]]]  # (trial number, params), best first
     fixed: dict[str, Any] = field(default_factory=dict)
-    region: regions.Region = field(default_factory=dict)
     init_from: str | None = None
     best_number: int = 0
 
+    def region(self, distributions: dict[str, BaseDistribution], warm: spec.WarmStart) -> regions.Region:
+        if not warm.narrow_top_k:
+            return {}
+        return regions.narrow(distributions, [params for _, params in self.top[: warm.narrow_top_k]], warm.margin)
 
-def load(warm: spec.WarmStart, objective: spec.Objective, distributions: dict[str, BaseDistribution],
-         own_storage: optuna.storages.BaseStorage, url: str | None, check_files: bool) -> Source:
-    """Read and check the source study; raise spec.SpecError naming the field."""
+    def as_record(self) -> dict[str, Any]:
+        return {"study": self.study, "top": [[number, params] for number, params in self.top], "fixed": self.fixed,
+                "initFrom": self.init_from, "best": self.best_number}
+
+    @classmethod
+    def from_record(cls, found: dict[str, Any]) -> Source:
+        return cls(found["study"], [(number, params) for number, params in found["top"]], found["fixed"], found["initFrom"], found["best"])
+
+
+def load(warm: spec.WarmStart, objective: spec.Objective, own_storage: optuna.storages.BaseStorage, url: str | None,
+         check_files: bool, stored: dict[str, Any] | None) -> Source:
+    """Read and check the source study; raise spec.SpecError naming the field. A study that already
+    read its source (``stored``) uses that record when the source is gone."""
     storage = own_storage if url is None else WriteThroughStorage(open_rdb(url))
     where = "this study's storage" if url is None else redact(url)
     try:
         source = optuna.load_study(study_name=warm.study, storage=storage)
     except KeyError:
-        names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
-        raise spec.SpecError([("spec.warmStart.study", f"no study {warm.study!r} in {where} (studies there: {names})")]) from None
+        if stored is not None and stored.get("study") == warm.study:
+            return Source.from_record(stored)
+        # The names of the other studies are not listed: on a shared storage they belong to other tenants.
+        raise spec.SpecError([("spec.warmStart.study", f"no study {warm.study!r} in {where}")]) from None
     source_objective = source.user_attrs.get(record.OBJECTIVE)
     direction = "maximize" if source.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
     if (source_objective not in (None, objective.metric)) or direction != objective.direction:
@@ -59,7 +75,6 @@ def load(warm: spec.WarmStart, objective: spec.Objective, distributions: dict[st
         raise spec.SpecError([("spec.warmStart.fixed", f"the best trial ({best.number}) of {warm.study!r} has no parameter "
                                f"{', '.join(map(repr, missing))}; it has {', '.join(sorted(best.params))}")])
     fixed = {name: best.params[name] for name in warm.fixed}
-    region = regions.narrow(distributions, [t.params for t in complete[: warm.narrow_top_k]], warm.margin) if warm.narrow_top_k else {}
     init_from = None
     if warm.init_from == "best":
         init_from = record.kept_checkpoints(source.user_attrs).get(str(best.number))
@@ -69,7 +84,8 @@ def load(warm: spec.WarmStart, objective: spec.Objective, distributions: dict[st
         if check_files and not Path(init_from).is_file():
             raise spec.SpecError([("spec.warmStart.initFrom", f"checkpoint {init_from} of trial {best.number} of {warm.study!r} "
                                    "does not exist (moved or deleted?)")])
-    return Source(warm.study, complete[: max(warm.top_k, 1)], fixed, region, init_from, best.number)
+    top = [(t.number, dict(t.params)) for t in complete[: max(warm.top_k, warm.narrow_top_k, 1)]]
+    return Source(warm.study, top, fixed, init_from, best.number)
 
 
 def pin(warm: spec.WarmStart, own_storage: optuna.storages.BaseStorage, url: str | None, consumer: str, number: int) -> None:
@@ -85,9 +101,9 @@ def enqueue_top(study: optuna.Study, source: Source, top_k: int, distributions: 
                 attrs: dict[str, Any]) -> int:
     """Queue the source's best ``top_k`` configurations (the parameters this study searches, where they fit its
     ranges), with ``fixed`` parameters at the source's best values."""
-    for trial in source.top[:top_k]:
-        params = {name: value for name, value in trial.params.items()
+    for number, found in source.top[:top_k]:
+        params = {name: value for name, value in found.items()
                   if name in distributions and regions.contains({name: distributions[name]}, {name: value})}
         params.update({name: value for name, value in source.fixed.items() if name in distributions})  # fixed wins
-        study.enqueue_trial(params, user_attrs={**attrs, record.WARM_START_FROM: f"{source.study}#{trial.number}"}, skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs={**attrs, record.WARM_START_FROM: f"{source.study}#{number}"}, skip_if_exists=False)
     return min(top_k, len(source.top))
