@@ -52,6 +52,10 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
                                   "spec": raw})
     except spec.SpecError as error:
         problems.extend(error.problems)
+    else:
+        if study.trial_template.workers.mode == "warm":
+            problems.append(("spec.trialTemplate.workers.mode", "warm workers run only with speechtune run for now; "
+                             "on a cluster every run is a Job (mode: cold)"))
     if not options.job.image:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
     claims = checkpoint_claims(study) if not problems else {}

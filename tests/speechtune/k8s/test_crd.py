@@ -96,6 +96,8 @@ BAD = [
     ("template-without-image", removing("spec.trialTemplate.image"), "spec.trialTemplate.image", "Required value"),
     ("env-without-value", setting("spec.trialTemplate.env", [{"name": "A"}]), "spec.trialTemplate.env[0].value", "Required value"),
     ("negative-backoff", setting("spec.trialTemplate.backoffLimit", -1), "spec.trialTemplate.backoffLimit", "greater than or equal to 0"),
+    ("warm-workers-on-a-cluster", setting("spec.trialTemplate.workers", {"mode": "warm"}), "spec.trialTemplate.workers.mode",
+     "warm workers run only with speechtune run"),
     ("storage-url-and-secret", setting("spec.storage", {"url": "sqlite:///x.db", "secretRef": {"name": "db", "key": "url"}}),
      "spec.storage", "give either url or secretRef, not both"),
     ("secret-ref-without-key", setting("spec.storage", {"secretRef": {"name": "db"}}), "spec.storage.secretRef.key", "Required value"),

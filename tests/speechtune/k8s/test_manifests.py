@@ -237,6 +237,14 @@ def test_spec_problems_name_every_field():
     assert [path for path, _ in error.value.problems] == ["spec.searchSpace[0].categorical", "spec.trialTemplate.image"]
 
 
+def test_warm_workers_are_refused_on_a_cluster_naming_the_field():
+    body = {"metadata": {"name": "digits"}, "spec": {"searchSpace": [{"name": "c", "categorical": [1, 2]}],
+                                                     "trialTemplate": {"image": "t:1", "command": ["train"], "workers": {"mode": "warm"}}}}
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse(body)
+    assert [path for path, _ in error.value.problems] == ["spec.trialTemplate.workers.mode"]
+
+
 # -- the fidelity ladder ---------------------------------------------------------------
 
 LADDER_SPEC = {
