@@ -15,8 +15,10 @@ each run's trainer CPU-seconds are stored with its trial.
      (output layer mapped by character).
 3. Per seed, the target is the cold study's final best WER; each arm's cost to reach it is the
    trials (in finish order) and trainer CPU-seconds until its best-so-far WER is at or below it.
+   Also reported: the WER of each arm's first trial and the median WER of its trials.
 
     .venv/bin/python bench/transfer.py                                   # the run in docs/benchmarks.md
+    .venv/bin/python bench/transfer.py --analyze bench/results/transfer.json   # summarise again
     .venv/bin/python bench/transfer.py --hours 0.03 --epochs 2 --source-trials 2 --trials 2 --seeds 1 --out /tmp/t.json   # smoke
 """
 
@@ -121,13 +123,15 @@ def summarize(results: dict) -> dict:
                 continue
             target = min(r["wer"] for r in studies["cold"]["runs"])
             trials, cpu = cost_to_reach(studies[arm]["runs"], target)
-            rows.append({"seed": seed, "target": target, "best": min(r["wer"] for r in studies[arm]["runs"]),
+            wers = [r["wer"] for r in studies[arm]["runs"]]
+            rows.append({"seed": seed, "target": target, "best": min(wers), "first": wers[0], "median": statistics.median(wers),
                          "trials_to_target": trials, "cpu_to_target": cpu,
                          "cpu_total": round(sum(r["cpu"] for r in studies[arm]["runs"]), 1)})
         reached = [r for r in rows if r["trials_to_target"] is not None]
         summary[arm] = {
             "seeds": rows,
             "best_mean": _mean([r["best"] for r in rows]), "best_std": _std([r["best"] for r in rows]),
+            "first_trial_mean": _mean([r["first"] for r in rows]), "trial_median_mean": _mean([r["median"] for r in rows]),
             "reached": f"{len(reached)}/{len(rows)}",
             "trials_to_target_median": statistics.median([r["trials_to_target"] for r in reached]) if reached else None,
             "cpu_to_target_median": statistics.median([r["cpu_to_target"] for r in reached]) if reached else None,
@@ -160,7 +164,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--folder", type=Path, default=ROOT / ".bench" / "transfer")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transfer.json")
+    parser.add_argument("--analyze", type=Path, help="only summarise the results in this file again")
     args = parser.parse_args()
+    if args.analyze:
+        results = json.loads(args.analyze.read_text())
+        results["summary"] = summarize(results)
+        args.analyze.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results["summary"], indent=1))
+        return 0
     args.folder.mkdir(parents=True, exist_ok=True)
     english, spanish = args.folder / "data-en", args.folder / "data-es"
     make_data(english, "en", args.hours)
