@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from speechtune.backend import build_launch
 from speechtune.protocol import parse_line
 from speechtune.workers import WarmWorkerBackend
 from speechtune_trainer import cli
+
+TRAINER = str(Path(sys.executable).with_name("speechtune-trainer"))  # the virtualenv's, whatever PATH holds
 
 pytestmark = pytest.mark.trainer
 
@@ -44,7 +47,7 @@ def worker(tmp_path_factory):
 def run_warm(worker, number: int, *args: str, stop_after_first_line: bool = False):
     """The run's protocol lines and its Exit (and, when stopped, how long the stop took)."""
     loop, backend = worker
-    template = spec.TrialTemplate(command=("speechtune-trainer", "asr"), args=args)
+    template = spec.TrialTemplate(command=(TRAINER, "asr"), args=args)
 
     async def go():
         run = await backend.launch(build_launch("nemo", number, template, {}))
@@ -87,7 +90,7 @@ def test_a_warm_run_trains_exactly_what_a_cold_run_does(worker, digits, tmp_path
     run_warm(worker, 2, "--data", str(digits), *TINY, "--seed", "5", "--encoder", "lstm")
     lines, exit = run_warm(worker, 3, *flags, "--checkpoint-dir", str(tmp_path / "warm"))
     assert exit.succeeded
-    cold = subprocess.run(["speechtune-trainer", "asr", *flags, "--checkpoint-dir", str(tmp_path / "cold")],
+    cold = subprocess.run([TRAINER, "asr", *flags, "--checkpoint-dir", str(tmp_path / "cold")],
                           capture_output=True, text=True, timeout=600)
     assert cold.returncode == 0, cold.stderr[-2000:]
     cold_lines = [line for line in map(parse_line, cold.stdout.splitlines()) if line is not None]
