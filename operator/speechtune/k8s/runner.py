@@ -61,6 +61,7 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "stage-started": ("Normal", "StageStarted"),
     "stage-finished": ("Normal", "StageFinished"),
     "warm-started": ("Normal", "WarmStarted"),
+    "warm-start-report": ("Normal", "WarmStartReport"),
 }
 
 

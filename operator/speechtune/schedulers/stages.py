@@ -121,11 +121,13 @@ class _Step:
 class Stages(Scheduler):
     """Runs its steps in order; a step is over when it has nothing to start and nothing running."""
 
-    def __init__(self, executor: Executor, steps: list[_Step], on_begin: Callable[[_Step], None]):
+    def __init__(self, executor: Executor, steps: list[_Step], on_begin: Callable[[_Step], None], on_end: Callable[[], None]):
         super().__init__(executor)
         self.steps = steps
         self.index = 0
         self.on_begin = on_begin
+        self.on_end = on_end  # once, when the last step is over
+        self._ended = False
 
     @property
     def current(self) -> Scheduler:
@@ -175,6 +177,9 @@ class Stages(Scheduler):
             self._finish(self.steps[self.index])  # nothing to start and nothing running: the step is over
             if self.index == len(self.steps) - 1:
                 self._publish_active(None)
+                if not self._ended:
+                    self._ended = True
+                    self.on_end()
                 return None
             self.index += 1
             self._begin()
@@ -333,12 +338,18 @@ def build_stages(executor: Executor) -> Scheduler:
                                               {record.STAGE: step.name} if step.name else {})
                 executor.notify(Event("warm-started", None, f"queued the {count} best configurations of study {source.study}"))
 
+    def on_end() -> None:
+        """The user's answer to "did the transfer pay off here?", from this study's own results."""
+        found = warmstart.report(executor.study, source, study.objective.direction == "maximize") if source else None
+        if found:
+            executor.notify(Event("warm-start-report", None, found))
+
     if len(steps) == 1 and source is None:
         return steps[0].build()
     for step in steps:  # built now, so their metric series exist from the start; a refine region needs the earlier results
         if step.stage is None or step.stage.kind != "refine":
             step.scheduler = step.build()
-    return Stages(executor, steps, on_begin)
+    return Stages(executor, steps, on_begin, on_end)
 
 
 def _baseline(executor: Executor, stage: spec.Stage, distributions: dict[str, BaseDistribution], checkpoints: Checkpoints,

@@ -107,3 +107,22 @@ def enqueue_top(study: optuna.Study, source: Source, top_k: int, distributions: 
         params.update({name: value for name, value in source.fixed.items() if name in distributions})  # fixed wins
         study.enqueue_trial(params, user_attrs={**attrs, record.WARM_START_FROM: f"{source.study}#{number}"}, skip_if_exists=False)
     return min(top_k, len(source.top))
+
+
+def report(study: optuna.Study, source: Source, maximize: bool) -> str | None:
+    """How the source's configurations did here against the study's own, for the user to judge the transfer."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    queued = [t.value for t in complete if record.WARM_START_FROM in t.user_attrs]
+    own = [t.value for t in complete if record.WARM_START_FROM not in t.user_attrs]
+    pick = max if maximize else min
+    parts = [f"warm start from {source.study}"]
+    if queued:
+        parts.append(f"its {len(queued)} configurations scored best {pick(queued):.4g} here")
+    if own:
+        parts.append(f"this study's own {len(own)} trials best {pick(own):.4g}")
+    if queued and own:
+        ahead = pick(queued) == pick(queued + own)
+        parts.append("the source's configurations stayed ahead" if ahead else "the search here found better than the source's")
+    if source.init_from:
+        parts.append(f"every run started from its checkpoint {source.init_from}")
+    return "; ".join(parts) if len(parts) > 1 else None

@@ -47,8 +47,10 @@ class RecordingBackend(LocalProcessBackend):
 
 def run(tmp_path, body, check_files=True):
     study = spec.parse_study(body)
+    events = []
     engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), RecordingBackend(tmp_path / study.name),
-                      checkpoint_root=tmp_path / "checkpoints" / study.name, checkpoint_files_here=check_files)
+                      checkpoint_root=tmp_path / "checkpoints" / study.name, checkpoint_files_here=check_files, notify=events.append)
+    engine.events = events
     return engine, asyncio.run(engine.run())
 
 
@@ -63,9 +65,14 @@ def best_first(engine):
     return sorted(engine.trials((TrialState.COMPLETE,)), key=lambda t: t.value)
 
 
-def test_top_k_enqueues_the_sources_best_configurations_first(tmp_path, source):
+def test_top_k_enqueues_the_sources_best_configurations_first_and_the_end_says_how_they_did(tmp_path, source):
     engine, outcome = run(tmp_path, manifest(tmp_path, "spanish", warm={"study": "english", "topK": 3}))
     assert outcome.state == "Succeeded"
+    queued = min(t.value for t in engine.trials()[:3])
+    own = min(t.value for t in engine.trials()[3:])
+    said = [e.message for e in engine.events if e.kind == "warm-start-report"]
+    assert said == [f"warm start from english; its 3 configurations scored best {queued:.4g} here; this study's own 5 trials "
+                    f"best {own:.4g}; " + ("the source's configurations stayed ahead" if queued <= own else "the search here found better than the source's")]
     first = engine.trials()[:3]
     assert [t.params for t in first] == [t.params for t in best_first(source)[:3]]
     assert [t.user_attrs[record.WARM_START_FROM] for t in first] == [f"english#{t.number}" for t in best_first(source)[:3]]
