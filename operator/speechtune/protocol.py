@@ -70,23 +70,8 @@ def _jsonable(value: Any) -> Any:
 
 def parse_line(raw: bytes | str) -> Report | None:
     """Parse one output line; return None for anything that is not a protocol line."""
-    if isinstance(raw, bytes):
-        if len(raw) > MAX_LINE_BYTES:
-            return None
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    elif len(raw) > MAX_LINE_BYTES:
-        return None
-    text = raw.strip()
-    if not text.startswith("{") or '"speechtune"' not in text:
-        return None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("speechtune") != PROTOCOL_VERSION:
+    obj = protocol_object(raw)
+    if obj is None:
         return None
     step = obj.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP):
@@ -162,12 +147,17 @@ def pause(seconds: float) -> None:
         _inbox.stopping.wait(seconds)
 
 
-def worker_message(raw: bytes | str) -> dict[str, Any] | None:
-    """A worker's output line as a protocol object (``"speechtune": 1``), else None."""
+def protocol_object(raw: bytes | str) -> dict[str, Any] | None:
+    """An output line as a protocol object (``"speechtune": 1``), else None: lines over 64 KiB,
+    bytes that are not UTF-8, and anything but a JSON object of this protocol version."""
     if len(raw) > MAX_LINE_BYTES:
         return None
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = text.strip()
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    text = raw.strip()
     if not text.startswith("{") or '"speechtune"' not in text:
         return None
     try:

@@ -35,7 +35,7 @@ from pathlib import Path
 from speechtune import spec
 from speechtune.backend import Exit, TrialLaunch, TrialRun
 from speechtune.local import LaunchError, LocalProcessBackend, _die_with, _signal_group, split_lines
-from speechtune.protocol import READY, WORKER_ENV, worker_message
+from speechtune.protocol import READY, WORKER_ENV, protocol_object
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class WarmWorkerBackend:
         """Credit one output line to the run it is for, or to nobody."""
         run = worker.current
         (run.log if run is not None else worker.log).write(line + b"\n")
-        message = worker_message(line)
+        message = protocol_object(line)
         if message is None:
             return  # a log line
         if not worker.ready:
