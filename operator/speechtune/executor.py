@@ -141,6 +141,10 @@ class Executor:
         except ValueError:
             return None
 
+    def runs_of(self, scheduler: Scheduler) -> int:
+        """Runs of this scheduler going on now."""
+        return sum(1 for run in self._runs.values() if run.scheduler is scheduler)
+
     def is_running(self, number: int) -> bool:
         """Whether a run of this trial is going on now (in this executor)."""
         return self._trial_runs.get(number, 0) > 0

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 from optuna.trial import TrialState
@@ -141,16 +140,21 @@ def test_a_run_out_of_memory_fails_alone_and_its_worker_is_replaced(tmp_path):
     assert "worker retired: it asked to be replaced" in (tmp_path / "logs" / "worker-1.log").read_text()
 
 
+async def stop_after_first_value(backend, *args):
+    """Start a run, stop it at its first protocol line; how long the stop took, how the run ended, and a next run."""
+    run = await backend.launch(launch_of(0, *args))
+    async for line in run.lines():
+        if parse_line(line) is not None:
+            break
+    began = time.monotonic()
+    await run.stop()
+    took = time.monotonic() - began
+    return took, await run.wait(), await finish(await backend.launch(launch_of(1, "--epochs", "2")))
+
+
 def test_a_stopped_run_ends_at_its_next_step_and_keeps_its_worker(tmp_path):
     async def body(backend):
-        run = await backend.launch(launch_of(0, "--epochs", "100", "--sleep", "0.2"))
-        async for line in run.lines():
-            if parse_line(line) is not None:
-                break
-        began = time.monotonic()
-        await run.stop()
-        took = time.monotonic() - began
-        return took, await run.wait(), await finish(await backend.launch(launch_of(1, "--epochs", "2")))
+        return await stop_after_first_value(backend, "--epochs", "100", "--sleep", "0.2")
 
     (took, exit, after), backend = in_backend(tmp_path, body, stop_grace_seconds=5)
     assert took < 1.0, "the run stops at its next step, long before the grace"
@@ -161,14 +165,7 @@ def test_a_stopped_run_ends_at_its_next_step_and_keeps_its_worker(tmp_path):
 
 def test_a_run_that_ignores_its_stop_costs_the_grace_and_its_worker(tmp_path):
     async def body(backend):
-        run = await backend.launch(launch_of(0, "--epochs", "5", "--hang"))
-        async for line in run.lines():
-            if parse_line(line) is not None:
-                break
-        began = time.monotonic()
-        await run.stop()
-        took = time.monotonic() - began
-        return took, await run.wait(), await finish(await backend.launch(launch_of(1, "--epochs", "2")))
+        return await stop_after_first_value(backend, "--epochs", "5", "--hang")
 
     (took, exit, after), backend = in_backend(tmp_path, body, stop_grace_seconds=0.5)
     assert 0.5 <= took < 2.0

@@ -35,7 +35,7 @@ from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.backend import KubernetesJobBackend
 from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, Owner, checkpoint_root, trial_name
 from speechtune.schedulers.ladder import Ladder
-from speechtune.schedulers.stages import Stages, describe_result
+from speechtune.schedulers.stages import Stages, announcement
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,12 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
 
 
 class StorageProblem(RuntimeError):
-    """The study's storage cannot be found or opened; ``reason`` goes into the Ready condition."""
+    """The study's storage cannot be found or opened; ``reason`` goes into the Ready condition, ``field`` names the spec field."""
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
+    def __init__(self, reason: str, field: str, message: str):
+        super().__init__(f"{field}: {message}")
         self.reason = reason
+        self.field = field
 
 
 def optuna_study_name(namespace: str, name: str, uid: str) -> str:
@@ -78,32 +79,32 @@ def optuna_study_name(namespace: str, name: str, uid: str) -> str:
     return f"{namespace}.{name}.{uid[:8]}"
 
 
-async def storage_url(api: Api, namespace: str, storage: spec.Storage) -> str:
-    """spec.storage.url, else the Secret spec.storage.secretRef names, else the operator's default."""
+async def storage_url(api: Api, namespace: str, storage: spec.Storage, field: str = "spec.storage") -> str:
+    """``field``.url, else the Secret ``field``.secretRef names, else (for spec.storage) the operator's default."""
     if storage.url:
         return storage.url
     if storage.secret_name:
         secret = await api.get(path("secrets", namespace, storage.secret_name))
         if secret is None:
-            raise StorageProblem("SecretNotFound", f"spec.storage.secretRef.name: Secret {storage.secret_name!r} not found in {namespace}")
+            raise StorageProblem("SecretNotFound", f"{field}.secretRef.name", f"Secret {storage.secret_name!r} not found in {namespace}")
         data = (secret.get("data") or {}).get(storage.secret_key)
         if not data:
-            raise StorageProblem("SecretKeyNotFound", f"spec.storage.secretRef.key: Secret {storage.secret_name!r} has no key {storage.secret_key!r}")
+            raise StorageProblem("SecretKeyNotFound", f"{field}.secretRef.key", f"Secret {storage.secret_name!r} has no key {storage.secret_key!r}")
         return base64.b64decode(data).decode().strip()
     url = os.environ.get(STORAGE_ENV)
     if not url:
-        raise StorageProblem("NoStorage", f"spec.storage: give secretRef (or url), or set the operator's {STORAGE_ENV}")
+        raise StorageProblem("NoStorage", field, f"give secretRef (or url), or set the operator's {STORAGE_ENV}")
     return url
 
 
-async def warm_start_url(api: Api, namespace: str, study: spec.Study, own_url: str) -> str | None:
+async def warm_start_url(api: Api, namespace: str, study: spec.Study) -> str | None:
     """The warm-start source's storage: spec.warmStart.storage, else the study's own (None)."""
     if study.warm_start is None or not (study.warm_start.storage.url or study.warm_start.storage.secret_name):
         return None
     try:
-        return await storage_url(api, namespace, study.warm_start.storage)
+        return await storage_url(api, namespace, study.warm_start.storage, "spec.warmStart.storage")
     except StorageProblem as problem:
-        raise spec.SpecError([(str(problem).split(":")[0].replace("spec.storage", "spec.warmStart.storage"), str(problem))]) from None
+        raise spec.SpecError([(problem.field, str(problem))]) from None
 
 
 class SourceNotReady(RuntimeError):
@@ -148,7 +149,7 @@ class StudyRunner:
                 await stopped.wait(RETRY_SECONDS)
                 continue
             try:
-                await self._run_engine(study, options, storage, url, stopped)
+                await self._run_engine(study, options, storage, stopped)
             except spec.SpecError as error:  # found only with the storage: a bad warm-start source
                 await self._set_state("Failed", "InvalidSpec", str(error).replace("\n", "; "), generation)
                 await self._until_changed(generation, stopped)
@@ -164,10 +165,10 @@ class StudyRunner:
                 storage.rdb.engine.dispose()
 
     async def _run_engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
-                          url: str, stopped: Any) -> None:
+                          stopped: Any) -> None:
         owner = Owner(API_VERSION, STUDY_KIND, self.name, self.body["metadata"]["uid"])
         job = dataclasses.replace(options.job, service_account=os.environ.get(TRIAL_SERVICE_ACCOUNT_ENV) or None)
-        warm_url = await warm_start_url(self.api, self.namespace, study, url)
+        warm_url = await warm_start_url(self.api, self.namespace, study)
         study = await self._resolve_source(study)
         backend = KubernetesJobBackend(self.api, self.namespace, owner, job, options.pending_timeout_seconds)
         await backend.start()
@@ -323,11 +324,11 @@ class StudyRunner:
             found = records.get(stage.name, {})
             wanted = []
             if found.get("state") in ("Running", "Succeeded"):
-                wanted.append(("stage-started", f"stage {stage.name} ({stage.kind}) started", found.get("startedAt")))
+                wanted.append(("stage-started", found.get("startedAt")))
             if found.get("state") == "Succeeded":
-                wanted.append(("stage-finished", f"stage {stage.name} ({stage.kind}) finished: {describe_result(found, objective)}",
-                               found.get("finishedAt")))
-            for kind, message, at in wanted:
+                wanted.append(("stage-finished", found.get("finishedAt")))
+            for kind, at in wanted:
+                message = announcement(kind, stage, found, objective)
                 name = f"{self.name}.{uid}.{kind}.{stage.name}"
                 if name in self._posted:
                     continue

@@ -101,7 +101,7 @@ class Scheduler:
 
     def running(self) -> int:
         """Runs of this scheduler going on now."""
-        return sum(1 for run in self.executor._runs.values() if run.scheduler is self)
+        return self.executor.runs_of(self)
 
     def make_run(self, trial: optuna.Trial, *, values: dict[str, Any], overrides: dict[str, Any] | None = None,
                  attempt: str = "", level: int = 0, description: str = "", announce: bool = True,

@@ -207,7 +207,7 @@ class Stages(Scheduler):
         if best is not None:
             metrics.STAGE_BEST_VALUE.labels(**self.executor.labels, stage=step.name, metric=self.executor.objective).set(best)
         self.study.set_user_attr(record.STAGES, {**records, step.name: found})
-        self.executor.notify(Event("stage-finished", None, f"stage {step.name} ({step.stage.kind}) finished: {describe_result(found, self.executor.objective)}"))
+        self.executor.notify(Event("stage-finished", None, announcement("stage-finished", step.stage, found, self.executor.objective)))
 
 
 def stage_result(executor: Executor, stage: spec.Stage, scheduler: Scheduler) -> dict[str, Any]:
@@ -227,6 +227,13 @@ def stage_result(executor: Executor, stage: spec.Stage, scheduler: Scheduler) ->
     if stage.kind == "baseline" and complete:
         result["mean"], result["std"] = _mean_std([t.value for t in complete])
     return result
+
+
+def announcement(kind: str, stage: spec.Stage, found: dict[str, Any], objective: str) -> str:
+    """The message of a stage-started or stage-finished event (``found``: the stage's record)."""
+    if kind == "stage-started":
+        return f"stage {stage.name} ({stage.kind}) started"
+    return f"stage {stage.name} ({stage.kind}) finished: {describe_result(found, objective)}"
 
 
 def describe_result(found: dict[str, Any], objective: str) -> str:
@@ -329,7 +336,7 @@ def build_stages(executor: Executor) -> Scheduler:
             return
         if step.stage is not None:
             _remember(executor, step.name, state="Running", kind=step.stage.kind, startedAt=time.time())
-            executor.notify(Event("stage-started", None, f"stage {step.name} ({step.stage.kind}) started"))
+            executor.notify(Event("stage-started", None, announcement("stage-started", step.stage, {}, executor.objective)))
         if source is not None and step is first_search:
             if study.warm_start.init_from:
                 warmstart.pin(study.warm_start, executor.storage, executor.warm_start_url, executor.study_name, source.best_number)

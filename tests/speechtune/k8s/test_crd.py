@@ -278,7 +278,6 @@ def test_api_server_rejects_bad_study_naming_the_field(crds, kube_namespace, exa
     assert field in result.stderr and words in result.stderr, result.stderr
 
 
-# speechtune.spec computes a stage's budget from a one-level ladder it has already rejected
 @pytest.mark.parametrize("change, field", [pytest.param(case[1], case[4], id=case[0])
                                            for case in BAD_STAGES])
 def test_the_operators_parser_rejects_the_same_staged_manifests(change, field):
