@@ -456,9 +456,13 @@ def _parse_warm_start(value: Any, space: tuple[Param, ...], check: _Checker) -> 
         narrow_top_k = check.integer(narrow.get("topK"), f"{path}.narrow.topK", default=5, minimum=1) or 5
         margin = _fraction(narrow.get("margin"), f"{path}.narrow.margin", check)
     fixed = value.get("fixed", [])
-    if not isinstance(fixed, list) or not all(isinstance(name, str) and PARAM_NAME.match(name) for name in fixed):
+    if not isinstance(fixed, list):
         check.fail(f"{path}.fixed", "must be a list of parameter names, e.g. [encoder, num_layers, d_model]")
         fixed = []
+    for index, name in enumerate(fixed):
+        if not isinstance(name, str) or not PARAM_NAME.match(name):
+            check.fail(f"{path}.fixed[{index}]", f"must be a parameter name (letters, digits, '_'), got {name!r}")
+    fixed = [name for name in fixed if isinstance(name, str) and PARAM_NAME.match(name)]
     init_from = value.get("initFrom")
     if init_from is not None and init_from != "best":
         check.fail(f"{path}.initFrom", f"unknown value {init_from!r}; expected: best (the source's best checkpoint)")

@@ -12,6 +12,7 @@ on a cluster it names the PVC that every trial Job mounts.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ class ClusterOptions:
     delete_on_study_deletion: bool = False
 
 
+PVC_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # as the CRD's pattern: a DNS subdomain
 BUDGET_FIELDS = ("maxTrials", "parallelism", "maxFailedTrials")
 
 
@@ -59,6 +61,8 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
     if not options.job.image:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
     claims = checkpoint_claims(study) if not problems else {}
+    problems += [(field, f"must be a PersistentVolumeClaim name on a cluster (lowercase letters, digits, '-', '.'), got {claim!r}")
+                 for field, claim in claims.items() if not PVC_NAME.match(claim) or len(claim) > 253]
     if len(set(claims.values())) > 1:
         problems.append((sorted(claims)[-1], f"every checkpoint volume of a study must be one PVC; got {claims}"))
     if problems:

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from speechtune import spec
+from speechtune import cli, spec
 from speechtune.k8s import studyspec
 from tests.speechtune.k8s.helpers import REPO, get_json, operator_running, wait_until
 
@@ -98,6 +98,14 @@ BAD = [
     ("negative-backoff", setting("spec.trialTemplate.backoffLimit", -1), "spec.trialTemplate.backoffLimit", "greater than or equal to 0"),
     ("warm-workers-on-a-cluster", setting("spec.trialTemplate.workers", {"mode": "warm"}), "spec.trialTemplate.workers.mode",
      "warm workers run only with speechtune run"),
+    ("workers-unknown-mode", setting("spec.trialTemplate.workers", {"mode": "hot"}), "spec.trialTemplate.workers.mode",
+     "Unsupported value"),
+    ("workers-zero-runs", setting("spec.trialTemplate.workers", {"maxRunsPerWorker": 0}), "spec.trialTemplate.workers.maxRunsPerWorker",
+     "greater than or equal to 1"),
+    ("workers-zero-grace", setting("spec.trialTemplate.workers", {"stopGraceSeconds": 0}), "spec.trialTemplate.workers.stopGraceSeconds",
+     "greater than 0"),
+    ("workers-zero-rss", setting("spec.trialTemplate.workers", {"maxRssMiB": 0}), "spec.trialTemplate.workers.maxRssMiB",
+     "greater than or equal to 1"),
     ("storage-url-and-secret", setting("spec.storage", {"url": "sqlite:///x.db", "secretRef": {"name": "db", "key": "url"}}),
      "spec.storage", "give either url or secretRef, not both"),
     ("secret-ref-without-key", setting("spec.storage", {"secretRef": {"name": "db"}}), "spec.storage.secretRef.key", "Required value"),
@@ -288,6 +296,39 @@ def test_the_operators_parser_rejects_the_same_staged_manifests(change, field):
     with pytest.raises(spec.SpecError) as error:
         studyspec.parse(body)
     assert field in [path for path, _ in error.value.problems], error.value
+
+
+NEW_FIELDS = ("warm-start-", "checkpoints-", "warm-workers-", "workers-")  # the spec fields added with stages, warm start, workers
+LOCAL_ONLY = {  # valid for `speechtune run` (and `speechtune validate`), refused on a cluster by CEL and the operator alike
+    "warm-workers-on-a-cluster": "warm workers are local processes",
+    "checkpoints-volume-a-path": "locally the checkpoint volume is a directory",
+}
+
+
+@pytest.mark.parametrize("change, field", [pytest.param(case[1], case[2], id=case[0]) for case in BAD
+                                           if case[0].startswith(NEW_FIELDS)])
+def test_the_operators_parser_and_speechtune_validate_judge_the_new_fields_as_the_api_server_does(change, field, tmp_path, capsys):
+    """Each invalid case of the new fields that `kubectl apply --dry-run=server` rejects (above), the operator's
+    parser rejects naming the same field; `speechtune validate` on the same spec (cluster-only fields removed)
+    rejects it too, except the LOCAL_ONLY cases, which are valid locally by design."""
+    body = manifest(example=EXAMPLE)
+    change(body)
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse(copy.deepcopy(body))
+    assert field in [path for path, _ in error.value.problems], error.value
+    local = copy.deepcopy(body)
+    for name in ("pendingTimeoutSeconds", "retention"):
+        local["spec"].pop(name, None)
+    for name in ("image", "backoffLimit", "ttlSecondsAfterFinished"):
+        local["spec"]["trialTemplate"].pop(name, None)
+    local["spec"].get("storage", {}).pop("deleteOnStudyDeletion", None)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(local))
+    verdict = cli.main(["validate", str(tmp_path / "study.yaml")])
+    name = next(case[0] for case in BAD if case[1] is change)
+    if name in LOCAL_ONLY:
+        assert verdict == 0
+    else:
+        assert verdict == cli.EXIT_INVALID and f"  {field}: " in capsys.readouterr().out
 
 
 def test_the_example_is_accepted_and_defaulted(crds, kube_namespace):
