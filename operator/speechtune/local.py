@@ -32,7 +32,7 @@ except OSError:  # not Linux: orphans possible, recovery still correct
     _LIBC = None
 
 
-def _die_with(parent: int):
+def die_with(parent: int):
     def prepare_child() -> None:
         if _LIBC is not None and hasattr(_LIBC, "prctl"):
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -93,15 +93,15 @@ class LocalRun:
         if self.process.returncode is not None or self._stopping:
             return
         self._stopping = True
-        _signal_group(self.process.pid, signal.SIGTERM)
+        signal_group(self.process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(self.process.wait(), STOP_GRACE_SECONDS)
         except asyncio.TimeoutError:
-            _signal_group(self.process.pid, signal.SIGKILL)
+            signal_group(self.process.pid, signal.SIGKILL)
             await self.process.wait()
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
@@ -145,7 +145,7 @@ class LocalProcessBackend:
             try:
                 process = await asyncio.create_subprocess_exec(
                     *launch.argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, stdin=asyncio.subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()),
+                    env=env, start_new_session=True, preexec_fn=die_with(os.getpid()),
                 )
             except OSError as exc:
                 raise LaunchError(f"cannot start trial {launch.number}: {launch.argv[0]}: {exc.strerror}") from exc

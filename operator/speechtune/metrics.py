@@ -41,6 +41,15 @@ METRIC_LAG = Histogram(
 GPU_SECONDS = Counter(
     "speechtune_gpu_seconds", "Requested nvidia.com/gpu x run time of trial runs, counted as their output arrives", _STUDY,
 )
+WORKER_IDLE_SECONDS = Counter(
+    "speechtune_worker_idle_seconds", "Time warm workers were up without a run (capacity held for nothing)", _STUDY,
+)
+WORKER_IDLE_GPU_SECONDS = Counter(
+    "speechtune_worker_idle_gpu_seconds", "Requested nvidia.com/gpu x idle time of warm workers: GPU time no run used", _STUDY,
+)
+WORKER_IGNORED_LINES = Counter(
+    "speechtune_worker_ignored_lines", "Protocol lines a warm worker printed for a run it was not executing: ignored", _STUDY,
+)
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,24 @@ SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
 PRUNERS = ("none", "median", "successiveHalving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-STUDY_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+STUDY_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS label, as the CRD's metadata.name rule
+DATABASE_URL = re.compile(r"^[A-Za-z0-9+._-]+://")  # as the CRD's storage.url pattern
+# A Kubernetes quantity (k8s.io/apimachinery resource.Quantity): 2, 500m, 1.5Gi, 1e3.
+QUANTITY = re.compile(r"^(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?P<suffix>[eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+QUANTITY_SUFFIXES = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+# The bounds the CRD's schema sets (crds/speechtuningstudies.yaml), so a study file and a study object agree.
+MAX_NAME = 63  # parameter names, the metric
+MAX_PARAMS = 64
+MAX_CHOICES = 256
+MAX_LEVELS = 6
+MAX_LEVEL_NAME = 20  # part of the level's Job names
+MAX_MAP_ENTRIES = 64  # overrides, a stage's fixed and params
+MAX_STAGES = 16
+MAX_SEEDS = 32
+MAX_TOP_K = 1000
+MAX_RESOURCES = 32  # entries of resources.limits and resources.requests
+MAX_QUANTITY = 64  # characters of a resource amount
 
 
 class SpecError(ValueError):
@@ -232,7 +250,7 @@ def parse_study(manifest: Any) -> Study:
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if not isinstance(name, str) or not STUDY_NAME.match(name) or len(name) > 63:
         check.fail("metadata.name", "is required: lowercase letters, digits and '-', at most 63 characters")
-    spec = manifest.get("spec")
+    spec = _without_nulls(manifest.get("spec"))
     if not isinstance(spec, dict):
         check.fail("spec", "is required and must be a mapping")
         raise SpecError(check.problems)
@@ -241,6 +259,17 @@ def parse_study(manifest: Any) -> Study:
     if check.problems:
         raise SpecError(check.problems)
     return study
+
+
+def _without_nulls(value: Any) -> Any:
+    """The spec with every null-valued field left out: null is "not given", as the API server reads a study object
+    (it drops a null field before validating it), so that `fidelity: null` or `epochs: null` mean the same in both.
+    A null list item (a categorical choice) stays."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 class _Checker:
@@ -258,14 +287,19 @@ class _Checker:
             return {}
         return value
 
-    def integer(self, value: Any, path: str, default: int | None = None, minimum: int | None = None) -> int | None:
+    def integer(self, value: Any, path: str, default: int | None = None, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
         if value is None:
             return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 10.0 is the integer 10, as the API server reads JSON
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(path, f"must be an integer, got {value!r}")
             return default
         if minimum is not None and value < minimum:
             self.fail(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(path, f"must be <= {maximum}, got {value}")
         return value
 
     def number(self, value: Any, path: str) -> float | None:
@@ -320,7 +354,7 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
     checkpoints = _parse_checkpoints(check.mapping(spec.get("checkpoints"), "spec.checkpoints"), check)
     validation = check.mapping(spec.get("validation"), "spec.validation")
     check.unknown_keys(validation, "spec.validation", {"seeds"})
-    seeds = check.integer(validation.get("seeds"), "spec.validation.seeds", default=0, minimum=0) or 0
+    seeds = check.integer(validation.get("seeds"), "spec.validation.seeds", default=0, minimum=0, maximum=MAX_SEEDS) or 0
     if seeds and stages:
         check.fail("spec.validation.seeds", "with spec.stages, retrain the best with a stage of kind validate")
     elif seeds and fidelity is None:
@@ -361,6 +395,8 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
     if not isinstance(value, list) or not value:
         check.fail("spec.stages", "must be a non-empty list of stages, e.g. [{name: coarse, kind: search, maxTrials: 20}]")
         return ()
+    if len(value) > MAX_STAGES:
+        check.fail("spec.stages", f"must have at most {MAX_STAGES} stages, got {len(value)}")
     stages: list[Stage] = []
     names: set[str] = set()
     for index, raw in enumerate(value):
@@ -398,14 +434,18 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
         _check_region(region, space, f"{path}.searchSpace", check)
         fixed = check.mapping(raw.get("fixed"), f"{path}.fixed")
         params = check.mapping(raw.get("params"), f"{path}.params")
+        for entries, where in ((fixed, f"{path}.fixed"), (params, f"{path}.params")):
+            if len(entries) > MAX_MAP_ENTRIES:
+                check.fail(where, f"must have at most {MAX_MAP_ENTRIES} entries, got {len(entries)}")
         for key, item in {**fixed, **params}.items():
             where = f"{path}.fixed.{key}" if key in fixed else f"{path}.params.{key}"
             if not isinstance(key, str) or not PARAM_NAME.match(key):
                 check.fail(where, "must be a parameter name (letters, digits, '_')")
             elif not isinstance(item, (str, int, float, bool)):
                 check.fail(where, f"must be a string, number or boolean, got {item!r}")
-        seeds = check.integer(raw.get("seeds"), f"{path}.seeds", default=3 if kind == "validate" else 1, minimum=1) or 1
-        top_k = check.integer(raw.get("topK"), f"{path}.topK", default=5, minimum=1) or 5
+        seeds = check.integer(raw.get("seeds"), f"{path}.seeds", default=3 if kind == "validate" else 1, minimum=1,
+                              maximum=MAX_SEEDS) or 1
+        top_k = check.integer(raw.get("topK"), f"{path}.topK", default=5, minimum=1, maximum=MAX_TOP_K) or 5
         margin = _fraction(raw.get("margin"), f"{path}.margin", check)
         stages.append(Stage(name=name, kind=kind, max_trials=max_trials, sampler=sampler, pruner=pruner, fidelity=fidelity,
                             search_space=region, fixed=dict(fixed), params=dict(params), seeds=seeds, top_k=top_k, margin=margin))
@@ -447,22 +487,28 @@ def _parse_warm_start(value: Any, space: tuple[Param, ...], check: _Checker) -> 
     if not isinstance(study, str) or not study:
         check.fail(f"{path}.study", "is required: the name of the source study")
         study = ""
+    elif len(study) > 512:
+        check.fail(f"{path}.study", f"must be at most 512 characters, got {len(study)}")
     storage = _parse_storage(check.mapping(value.get("storage"), f"{path}.storage"), check, f"{path}.storage")
-    top_k = check.integer(value.get("topK"), f"{path}.topK", default=0, minimum=0) or 0
+    top_k = check.integer(value.get("topK"), f"{path}.topK", default=0, minimum=0, maximum=MAX_TOP_K) or 0
     narrow_top_k, margin = 0, 0.1
     if "narrow" in value:
         narrow = check.mapping(value["narrow"], f"{path}.narrow")
         check.unknown_keys(narrow, f"{path}.narrow", {"topK", "margin"})
-        narrow_top_k = check.integer(narrow.get("topK"), f"{path}.narrow.topK", default=5, minimum=1) or 5
+        narrow_top_k = check.integer(narrow.get("topK"), f"{path}.narrow.topK", default=5, minimum=1, maximum=MAX_TOP_K) or 5
         margin = _fraction(narrow.get("margin"), f"{path}.narrow.margin", check)
     fixed = value.get("fixed", [])
     if not isinstance(fixed, list):
         check.fail(f"{path}.fixed", "must be a list of parameter names, e.g. [encoder, num_layers, d_model]")
         fixed = []
+    if len(fixed) > MAX_PARAMS:
+        check.fail(f"{path}.fixed", f"must have at most {MAX_PARAMS} names, got {len(fixed)}")
     for index, name in enumerate(fixed):
-        if not isinstance(name, str) or not PARAM_NAME.match(name):
-            check.fail(f"{path}.fixed[{index}]", f"must be a parameter name (letters, digits, '_'), got {name!r}")
-    fixed = [name for name in fixed if isinstance(name, str) and PARAM_NAME.match(name)]
+        if not isinstance(name, str) or not PARAM_NAME.match(name) or len(name) > MAX_NAME:
+            check.fail(f"{path}.fixed[{index}]", f"must be a parameter name (letters, digits, '_', at most {MAX_NAME}), got {name!r}")
+        elif name in fixed[:index]:
+            check.fail(f"{path}.fixed[{index}]", f"duplicate name {name!r}")
+    fixed = list(dict.fromkeys(name for name in fixed if isinstance(name, str) and PARAM_NAME.match(name)))
     init_from = value.get("initFrom")
     if init_from is not None and init_from != "best":
         check.fail(f"{path}.initFrom", f"unknown value {init_from!r}; expected: best (the source's best checkpoint)")
@@ -480,7 +526,8 @@ def _parse_checkpoints(value: dict, check: _Checker) -> Checkpoints:
     if volume is not None and not isinstance(volume, str):
         check.fail(f"{path}.volume", "must be a directory (locally) or a PVC name (on a cluster)")
         volume = None
-    return Checkpoints(keep_best=check.integer(value.get("keepBest"), f"{path}.keepBest", default=0, minimum=0) or 0, volume=volume)
+    keep_best = check.integer(value.get("keepBest"), f"{path}.keepBest", default=0, minimum=0, maximum=MAX_TOP_K) or 0
+    return Checkpoints(keep_best=keep_best, volume=volume)
 
 
 def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") -> Fidelity | None:
@@ -488,26 +535,30 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
     check.unknown_keys(value, path, {"levels", "reductionFactor", "initialTrials", "mode", "resumeFromCheckpoint",
                                      "correlationWarning", "checkpointVolume"})
     raw_levels = value.get("levels")
-    if not isinstance(raw_levels, list) or len(raw_levels) < 2:
-        check.fail(f"{path}.levels", "needs at least two levels, lowest fidelity first")
-        raw_levels = []
+    if not isinstance(raw_levels, list) or not 2 <= len(raw_levels) <= MAX_LEVELS:
+        check.fail(f"{path}.levels", f"needs 2 to {MAX_LEVELS} levels, lowest fidelity first")
+        raw_levels = raw_levels if isinstance(raw_levels, list) else []
     levels: list[Level] = []
     for index, level in enumerate(raw_levels):
         where = f"{path}.levels[{index}]"
         level = check.mapping(level, where)
         check.unknown_keys(level, where, {"name", "overrides"})
-        name = level.get("name", f"level{index}")
+        name = level.get("name")
+        if not isinstance(name, str) or not STUDY_NAME.match(name) or len(name) > MAX_LEVEL_NAME:
+            check.fail(f"{where}.name", f"is required: lowercase letters, digits and '-', at most {MAX_LEVEL_NAME} characters "
+                       f"(it is part of the level's Job names), got {name!r}")
+            name = f"level{index}"
+        elif name in {earlier.name for earlier in levels}:
+            check.fail(f"{where}.name", f"duplicate level name {name!r}: level names must be unique")
         overrides = check.mapping(level.get("overrides"), f"{where}.overrides")
-        if not isinstance(name, str) or not name:
-            check.fail(f"{where}.name", "must be a non-empty string")
+        if len(overrides) > MAX_MAP_ENTRIES:
+            check.fail(f"{where}.overrides", f"must have at most {MAX_MAP_ENTRIES} entries, got {len(overrides)}")
         for key, override in overrides.items():
             if not isinstance(key, str) or not PARAM_NAME.match(key):
                 check.fail(f"{where}.overrides.{key}", "must be a parameter name (letters, digits, '_')")
             if not isinstance(override, (str, int, float, bool)):
                 check.fail(f"{where}.overrides.{key}", f"must be a string, number or boolean, got {override!r}")
-        levels.append(Level(name=str(name), overrides=dict(overrides)))
-    if len({level.name for level in levels}) != len(levels):
-        check.fail(f"{path}.levels", "level names must be unique")
+        levels.append(Level(name=name, overrides=dict(overrides)))
     correlation = value.get("correlationWarning", 0.5)
     if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not -1 <= correlation <= 1:
         check.fail(f"{path}.correlationWarning", f"must be a number in [-1, 1], got {correlation!r}")
@@ -520,8 +571,9 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
         check.fail(f"{path}.checkpointVolume", "must be a directory (locally) or a PVC name (on a cluster)")
     fidelity = Fidelity(
         levels=tuple(levels),
-        reduction_factor=check.integer(value.get("reductionFactor"), f"{path}.reductionFactor", default=4, minimum=2) or 4,
-        initial_trials=check.integer(value.get("initialTrials"), f"{path}.initialTrials", default=64, minimum=1) or 64,
+        reduction_factor=check.integer(value.get("reductionFactor"), f"{path}.reductionFactor", default=4, minimum=2, maximum=64) or 4,
+        initial_trials=check.integer(value.get("initialTrials"), f"{path}.initialTrials", default=64, minimum=1,
+                                     maximum=100000) or 64,
         mode=check.choice(value.get("mode"), f"{path}.mode", FIDELITY_MODES, "synchronous"),
         resume_from_checkpoint=resume is True,
         correlation_warning=float(correlation),
@@ -536,8 +588,8 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
 def _parse_objective(value: dict, check: _Checker) -> Objective:
     check.unknown_keys(value, "spec.objective", {"metric", "direction"})
     metric = value.get("metric", "wer")
-    if not isinstance(metric, str) or not PARAM_NAME.match(metric):
-        check.fail("spec.objective.metric", f"must be a metric name such as 'wer', got {metric!r}")
+    if not isinstance(metric, str) or not PARAM_NAME.match(metric) or len(metric) > MAX_NAME:
+        check.fail("spec.objective.metric", f"must be a metric name such as 'wer' (at most {MAX_NAME} characters), got {metric!r}")
         metric = "wer"
     direction = check.choice(value.get("direction"), "spec.objective.direction", DIRECTIONS, "minimize")
     return Objective(metric=metric, direction=direction)
@@ -582,6 +634,8 @@ def _parse_search_space(value: Any, path: str, check: _Checker) -> tuple[Param, 
         return ()
     if not entries:
         check.fail(path, "must declare at least one parameter")
+    if len(entries) > MAX_PARAMS:
+        check.fail(path, f"must declare at most {MAX_PARAMS} parameters, got {len(entries)}")
     params: list[Param] = []
     seen: dict[str, str] = {}
     for entry_path, entry in entries:
@@ -602,8 +656,8 @@ def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
         return None
     check.unknown_keys(entry, path, {"name", "int", "float", "categorical"})
     name = entry.get("name")
-    if not isinstance(name, str) or not PARAM_NAME.match(name):
-        check.fail(f"{path}.name", f"must be an identifier (letters, digits, '_'), got {name!r}")
+    if not isinstance(name, str) or not PARAM_NAME.match(name) or len(name) > MAX_NAME:
+        check.fail(f"{path}.name", f"must be an identifier (letters, digits, '_', at most {MAX_NAME} characters), got {name!r}")
         return None
     kinds = [kind for kind in ("int", "float", "categorical") if kind in entry]
     if len(kinds) != 1:
@@ -615,6 +669,8 @@ def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
         if not isinstance(body, list) or not body:
             check.fail(f"{path}.categorical", f"parameter {name!r} needs a non-empty list of choices")
             return None
+        if len(body) > MAX_CHOICES:
+            check.fail(f"{path}.categorical", f"parameter {name!r} has {len(body)} choices; at most {MAX_CHOICES}")
         for index, choice in enumerate(body):
             if choice is not None and not isinstance(choice, (str, int, float, bool)):
                 check.fail(f"{path}.categorical[{index}]", f"choices must be strings, numbers, booleans or null, got {choice!r}")
@@ -661,20 +717,87 @@ def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     if not isinstance(args, list) or not all(isinstance(arg, (str, int, float)) for arg in args):
         check.fail(f"{path}.args", "must be a list of strings")
         args = []
-    env = value.get("env", {}) or {}
-    if isinstance(env, list):  # Kubernetes style: [{name, value}]
-        env = {item.get("name"): item.get("value") for item in env if isinstance(item, dict)}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        check.fail(f"{path}.env", "must map names to string values")
-        env = {}
+    env = _parse_env(value.get("env", {}) or {}, f"{path}.env", check)
     image = value.get("image")
     if image is not None and not isinstance(image, str):
         check.fail(f"{path}.image", "must be a string")
     return TrialTemplate(
         command=tuple(command), args=tuple(str(arg) for arg in args), image=image,
-        env=env, resources=check.mapping(value.get("resources"), f"{path}.resources"),
+        env=env, resources=_parse_resources(check.mapping(value.get("resources"), f"{path}.resources"), f"{path}.resources", check),
         workers=_parse_workers(check.mapping(value.get("workers"), f"{path}.workers"), check),
     )
+
+
+def _parse_env(env: Any, path: str, check: _Checker) -> dict[str, str]:
+    """A map of names to values, or the Kubernetes form [{name, value}] (the only one a study object has)."""
+    if isinstance(env, list):
+        pairs: dict[str, str] = {}
+        for index, item in enumerate(env):
+            where = f"{path}[{index}]"
+            item = check.mapping(item, where)
+            check.unknown_keys(item, where, {"name", "value"})
+            name, text = item.get("name"), item.get("value")
+            if not isinstance(name, str) or not name:
+                check.fail(f"{where}.name", f"is required: the variable's name, got {name!r}")
+            elif name in pairs:
+                check.fail(f"{where}.name", f"duplicate variable {name!r}")
+            if not isinstance(text, str):
+                check.fail(f"{where}.value", f"is required: a string, got {text!r}")
+            if isinstance(name, str) and name and isinstance(text, str):
+                pairs.setdefault(name, text)
+        return pairs
+    if not isinstance(env, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in env.items()):
+        check.fail(path, "must map names to string values")
+        return {}
+    return env
+
+
+def _quantity(value: Any) -> Decimal | None:
+    """A resource amount as Kubernetes reads it (an integer, or a string such as 500m or 16Gi); None if it is none."""
+    if isinstance(value, float) and value.is_integer():
+        return Decimal(int(value))  # 1.0 is the integer 1, as the API server reads JSON
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    match = QUANTITY.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    suffix = match["suffix"] or ""
+    try:
+        if suffix[:1] in ("e", "E") and len(suffix) > 1:
+            return Decimal(match["number"]).scaleb(int(suffix[1:]))
+        return Decimal(match["number"]) * QUANTITY_SUFFIXES[suffix]
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def is_gpu_resource(name: str) -> bool:
+    """nvidia.com/gpu, amd.com/gpu: resources counted in whole devices."""
+    return name.endswith("/gpu")
+
+
+def _parse_resources(value: dict, path: str, check: _Checker) -> dict[str, Any]:
+    """Container resources as in a Pod: limits and requests, each a map of resource name -> quantity.
+
+    Every amount is >= 0, and a GPU count (a resource named */gpu, e.g. nvidia.com/gpu) is a whole number:
+    the same rules as the CRD's schema, so `speechtune validate` and the API server agree.
+    """
+    check.unknown_keys(value, path, {"limits", "requests"})
+    for kind in ("limits", "requests"):
+        amounts = check.mapping(value.get(kind), f"{path}.{kind}")
+        if len(amounts) > MAX_RESOURCES:
+            check.fail(f"{path}.{kind}", f"must have at most {MAX_RESOURCES} resources, got {len(amounts)}")
+        for name, amount in amounts.items():
+            where = f"{path}.{kind}[{name}]"
+            quantity = _quantity(amount)
+            if isinstance(amount, str) and len(amount) > MAX_QUANTITY:
+                check.fail(where, f"must be at most {MAX_QUANTITY} characters, got {len(amount)}")
+            elif quantity is None:
+                check.fail(where, f"must be an integer or a quantity string such as 2, 500m or 16Gi, got {amount!r}")
+            elif quantity < 0:
+                check.fail(where, f"must be >= 0, got {amount!r}")
+            elif is_gpu_resource(str(name)) and quantity != quantity.to_integral_value():
+                check.fail(where, f"must be a whole number of GPUs, got {amount!r}")
+    return value
 
 
 def _parse_workers(value: dict, check: _Checker) -> Workers:
@@ -698,15 +821,15 @@ def _parse_workers(value: dict, check: _Checker) -> Workers:
 def _parse_storage(value: dict, check: _Checker, path: str = "spec.storage") -> Storage:
     check.unknown_keys(value, path, {"url", "secretRef"})
     url = value.get("url")
-    if url is not None and (not isinstance(url, str) or "://" not in url):
+    if url is not None and (not isinstance(url, str) or not DATABASE_URL.match(url)):
         check.fail(f"{path}.url", f"must be a database URL such as sqlite:///speechtune.db, got {url!r}")
         url = None
     ref = check.mapping(value.get("secretRef"), f"{path}.secretRef")
-    if ref:
+    if "secretRef" in value and isinstance(value["secretRef"], dict):
         check.unknown_keys(ref, f"{path}.secretRef", {"name", "key"})
         for key in ("name", "key"):
             if not isinstance(ref.get(key), str) or not ref.get(key):
                 check.fail(f"{path}.secretRef.{key}", "is required when secretRef is given")
-    if url and ref:
+    if url and isinstance(value.get("secretRef"), dict):
         check.fail(path, "give either url or secretRef, not both")
     return Storage(url=url, secret_name=ref.get("name"), secret_key=ref.get("key"))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from speechtune import spec
 from speechtune.backend import Exit, TrialLaunch, TrialRun
-from speechtune.local import LaunchError, LocalProcessBackend, _die_with, _signal_group, split_lines
+from speechtune.local import LaunchError, LocalProcessBackend, die_with, signal_group, split_lines
 from speechtune.protocol import READY, WORKER_ENV, protocol_object
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Worker:
 
     def kill(self, why: str) -> None:
         self.killed = why
-        _signal_group(self.process.pid, signal.SIGKILL)
+        signal_group(self.process.pid, signal.SIGKILL)
 
     def rss_mib(self) -> float | None:
         try:
@@ -181,7 +181,7 @@ class WarmWorkerBackend:
             process = await asyncio.create_subprocess_exec(
                 *launch.template.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,  # one stream: every line lands in the log of the run it belongs to
-                env=env, start_new_session=True, preexec_fn=_die_with(os.getpid()),
+                env=env, start_new_session=True, preexec_fn=die_with(os.getpid()),
             )
         except OSError as exc:
             raise LaunchError(f"cannot start trial {launch.number}: {launch.argv[0]}: {exc.strerror}") from exc
@@ -210,7 +210,7 @@ class WarmWorkerBackend:
             if message.get("worker") == READY:
                 worker.ready = True
             else:  # a cold trainer's output: it ignored SPEECHTUNE_WORKER, and its reports count for nothing
-                _signal_group(worker.process.pid, signal.SIGKILL)
+                signal_group(worker.process.pid, signal.SIGKILL)
             return
         if run is None or message.get("run") != run.id:
             self._ignore(worker, run, message)
@@ -232,26 +232,12 @@ class WarmWorkerBackend:
         end = end if isinstance(end, dict) else {}
         worker.current = None
         worker.runs += 1
-        run.finish(_exit_of(end))
-        why = self._worn_out(worker, end)
+        run.finish(exit_of(end))
+        why = worn_out(self.settings, worker.runs, worker.rss_mib(), end)
         if why:
             self._retire(worker, why)
         else:
             self._idle.append(worker)
-
-    def _worn_out(self, worker: Worker, end: dict) -> str:
-        """Why this worker must not execute another run; empty if it may."""
-        limits = self.settings
-        if end.get("retire") is True:
-            return "it asked to be replaced"
-        if worker.runs >= limits.max_runs_per_worker:
-            return f"it executed maxRunsPerWorker={limits.max_runs_per_worker} runs"
-        if limits.max_rss_mib is not None and (rss := worker.rss_mib() or 0) > limits.max_rss_mib:
-            return f"its RSS of {rss:.0f} MiB passed maxRssMiB={limits.max_rss_mib}"
-        gpu = end.get("gpu_mib")
-        if limits.max_gpu_mib is not None and isinstance(gpu, (int, float)) and gpu > limits.max_gpu_mib:
-            return f"it still holds {gpu:.0f} MiB of GPU memory, past maxGpuMiB={limits.max_gpu_mib}"
-        return ""
 
     def _retire(self, worker: Worker, why: str) -> None:
         worker.log.write(f"# speechtune: worker retired: {why}\n".encode())
@@ -267,7 +253,7 @@ class WarmWorkerBackend:
         try:
             await asyncio.wait_for(worker.process.wait(), self.settings.stop_grace_seconds)
         except asyncio.TimeoutError:
-            _signal_group(worker.process.pid, signal.SIGKILL)
+            signal_group(worker.process.pid, signal.SIGKILL)
 
     async def _gone(self, worker: Worker, code: int) -> None:
         """The worker exited: the run it was executing ends with it, or runs cold if it never was a worker."""
@@ -301,7 +287,21 @@ class WarmWorkerBackend:
         run.finish(Exit(False), cold)
 
 
-def _exit_of(end: dict) -> Exit:
+def worn_out(limits: spec.Workers, runs: int, rss_mib: float | None, end: dict) -> str:
+    """Why a worker must not execute another run after this one ended as ``end`` says; empty if it may."""
+    if end.get("retire") is True:
+        return "it asked to be replaced"
+    if runs >= limits.max_runs_per_worker:
+        return f"it executed maxRunsPerWorker={limits.max_runs_per_worker} runs"
+    if limits.max_rss_mib is not None and (rss_mib or 0) > limits.max_rss_mib:
+        return f"its RSS of {rss_mib:.0f} MiB passed maxRssMiB={limits.max_rss_mib}"
+    gpu = end.get("gpu_mib")
+    if limits.max_gpu_mib is not None and isinstance(gpu, (int, float)) and gpu > limits.max_gpu_mib:
+        return f"it still holds {gpu:.0f} MiB of GPU memory, past maxGpuMiB={limits.max_gpu_mib}"
+    return ""
+
+
+def exit_of(end: dict) -> Exit:
     """A run-end line's ``end`` as an Exit; a non-zero exit reads as a cold run's would."""
     code = end.get("exit_code")
     code = code if isinstance(code, int) and not isinstance(code, bool) else 1

@@ -61,6 +61,8 @@ def operator_process(cluster, deployment: dict, kubeconfig: str, log_path: Path)
             secret = json.loads(cluster.kubectl("get", "secret", ref["name"], "-n", namespace, "-o", "json").stdout)
             env[variable["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
     env.update(KUBECONFIG=kubeconfig, SPEECHTUNE_METRICS_ADDRESS="127.0.0.1")
+    if "SPEECHTUNE_DISPATCH_PORT" in env:  # no Service network here: worker pods reach the operator on loopback
+        env.update(SPEECHTUNE_DISPATCH_ADDRESS="127.0.0.1", SPEECHTUNE_DISPATCH_URL=f"http://127.0.0.1:{env['SPEECHTUNE_DISPATCH_PORT']}")
     argv = [re.sub(r"//0\.0\.0\.0:", "//127.0.0.1:", arg) for arg in container["command"] + container.get("args", [])]
     assert argv[0] == "python", argv
     return subprocess.Popen([sys.executable, *argv[1:]], env=env, cwd=REPO, stdout=open(log_path, "ab"),

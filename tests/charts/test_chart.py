@@ -31,6 +31,8 @@ def test_chart_lints_clean_against_its_schema():
     ("metrics.port=0", "/metrics/port"),
     ("watchNamespaces[0]=Team_A", "/watchNamespaces/0"),
     ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
+    ("storage.allowStudyUrls.schemes={sqlite}", "/storage/allowStudyUrls/schemes/0"),
+    ("storage.allowStudyUrls.hosts={db.example.svc/x}", "/storage/allowStudyUrls/hosts/0"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting, named):
     out = helm("template", "speechtune", str(CHART), "--set", setting, check=False)
@@ -78,6 +80,29 @@ def test_bundled_postgresql_password_is_generated_and_feeds_the_operator_url():
     env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["SPEECHTUNE_STORAGE_URL"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "url"}
     assert next(doc for doc in docs if doc["kind"] == "StatefulSet")["spec"]["volumeClaimTemplates"]
+
+
+def test_study_urls_are_off_by_default_and_the_allow_list_reaches_the_operator():
+    def env(*args: str) -> dict:
+        deployment = next(doc for doc in render(*args) if doc["kind"] == "Deployment")
+        return {item["name"]: item.get("value") for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert not {"SPEECHTUNE_STUDY_URL_SCHEMES", "SPEECHTUNE_STUDY_URL_HOSTS"} & set(env())
+    allowed = env("--set", "storage.allowStudyUrls.schemes={postgresql,postgresql+psycopg2}",
+                  "--set", "storage.allowStudyUrls.hosts={db.example.svc,10.0.0.5:5432}")
+    assert allowed["SPEECHTUNE_STUDY_URL_SCHEMES"] == "postgresql,postgresql+psycopg2"
+    assert allowed["SPEECHTUNE_STUDY_URL_HOSTS"] == "db.example.svc,10.0.0.5:5432"
+
+
+def test_notes_tell_how_a_secret_opts_in_and_which_study_urls_are_allowed():
+    def notes(*args: str) -> str:
+        return helm("install", "speechtune", str(CHART), "--dry-run=client", *args).stdout.split("NOTES:", 1)[1]
+
+    default = notes()
+    assert "kubectl -n NAMESPACE label secret study-db speechtune.io/storage=true" in default
+    assert "spec.storage.url / spec.warmStart.storage.url are off" in default and "SQLite is refused" in default
+    allowed = notes("--set", "storage.allowStudyUrls.hosts={db.example.svc}")
+    assert "may name only postgresql+psycopg on db.example.svc" in allowed
 
 
 def test_every_value_is_in_the_schema_with_a_description():
@@ -174,19 +199,24 @@ def test_renders_pass_server_side_dry_run_without_pod_security_warnings(monitori
     assert "PodSecurity" not in out.stderr, out.stderr
 
 
-def run_study(cluster, namespace: str, name: str, operator_log, timeout: float) -> tuple[dict, str]:
-    """Apply a small study that touches every permission (Secret storage URL, a promotion up a
-    two-level ladder, trials kept to one, Events) and wait until it ends or the operator logs a
-    refusal; the status and the log."""
+def run_study(cluster, namespace: str, name: str, operator_log, timeout: float, pods_seen: dict | None = None) -> tuple[dict, str]:
+    """Apply a small study that touches every permission (Secret storage URL, warm worker pods with
+    their token Secrets, a promotion up a two-level ladder, trials kept to one, Events) and wait until
+    it ends or the operator logs a refusal; the status and the log. ``pods_seen`` collects the study's
+    pods while it runs (worker pods go with the study's end)."""
     ladder = {"levels": [{"name": "low", "overrides": {"epochs": 1}}, {"name": "high", "overrides": {"epochs": 3}}],
               "reductionFactor": 2, "initialTrials": 2}
     body = small_study(name, ["--sleep", "0.1"], parallelism=2, fidelity=ladder, retention={"keepTrials": 1},
                        storage={"secretRef": {"name": "study-db", "key": "url"}})
+    body["spec"]["trialTemplate"]["workers"] = {"mode": "warm", "stopGraceSeconds": 5}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
     deadline = time.monotonic() + timeout
     while True:
         log = operator_log.read_text() if operator_log.exists() else ""
         status = study_status(cluster, namespace, name)
+        if pods_seen is not None:
+            pods_seen.update((pod["metadata"]["name"], pod) for pod in
+                             get_json(cluster, "pods", "-n", namespace, "-l", f"speechtune.io/study={name}")["items"])
         if status.get("state") in ("Succeeded", "Failed") or "forbidden" in log.lower() or time.monotonic() > deadline:
             time.sleep(1 if status.get("state") == "Succeeded" else 0)  # let the last Events and patches land
             return status, operator_log.read_text() if operator_log.exists() else ""
@@ -212,10 +242,12 @@ def installed(request, crds, kube_namespace, postgres_url, tmp_path):
     cluster.kubectl("label", "namespace", kube_namespace, "pod-security.kubernetes.io/enforce=restricted")
     ensure_namespace(cluster, team)
     cluster.kubectl("create", "secret", "generic", "study-db", "-n", team, f"--from-literal=url={postgres_url}")
+    cluster.kubectl("label", "secret", "study-db", "-n", team, "speechtune.io/storage=true")  # it opts in
     release = f"st-{team}"  # cluster-wide, its ClusterRole's name must not collide with another run's
     scope = ["--set", f"watchNamespaces={{{team}}}"] if request.param == "namespaced" else []
     helm("install", release, str(CHART), "-n", kube_namespace, *scope, "--set", "replicas=0",
-         "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}", "--force-conflicts",
+         "--set", f"metrics.port={free_port()}", "--set", f"healthPort={free_port()}",
+         "--set", f"workerDispatch.port={free_port()}", "--force-conflicts",
          "--wait", "--timeout=60s", env=cluster.env)
     deployment = get_json(cluster, "deployment", f"{release}-speechtune", "-n", kube_namespace)
     kubeconfig = token_kubeconfig(cluster, f"{release}-speechtune", kube_namespace, tmp_path / "operator.kubeconfig")
@@ -233,13 +265,17 @@ def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path
     log = tmp_path / "operator.log"
     operator = operator_process(cluster, deployment, kubeconfig, log)
     try:
-        status, text = run_study(cluster, team, "charted", log, timeout=90)
-        pods = get_json(cluster, "pods", "-n", team, "-l", "speechtune.io/study=charted")["items"]
+        seen: dict = {}
+        status, text = run_study(cluster, team, "charted", log, timeout=90, pods_seen=seen)
+        pods = list(seen.values())
         trials = get_json(cluster, "speechtuningtrials", "-n", team)["items"]
         reasons = {event["reason"] for event in get_json(cluster, "events", "-n", team)["items"]}
+        tokens = get_json(cluster, "secrets", "-n", team, "-l", "speechtune.io/worker")["items"]
     finally:
         stop_operator(operator)
     assert status.get("state") == "Succeeded", (status, text[-3000:])
+    assert pods and all("-worker-" in pod["metadata"]["name"] for pod in pods), "the trials ran in warm worker pods"
+    assert not tokens, "a worker's token Secret outlived the study"
     assert "forbidden" not in text.lower() and "permission" not in text.lower(), text[-3000:]
     assert status["trials"]["complete"] == 1 and status["trials"]["pruned"] == 1, status  # one promoted, one stopped
     assert len(trials) == 1  # spec.retention.keepTrials

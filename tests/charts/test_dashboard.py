@@ -128,6 +128,16 @@ def gpu_study() -> dict:
     return body
 
 
+def warm_gpu_study() -> dict:
+    """Warm worker pods with a GPU each, whose trainer also prints a line for a run it was not given:
+    the idle-capacity and ignored-line series."""
+    body = small_study("warm-gpu", ["--epochs", "4", "--sleep", "0.2", "--forge", "trial-0@warm-gpu-worker-9#1"], maxTrials=6,
+                       parallelism=2, maxFailedTrials=3, pruner={"type": "none"})
+    body["spec"]["trialTemplate"]["resources"]["limits"]["nvidia.com/gpu"] = 1
+    body["spec"]["trialTemplate"]["workers"] = {"mode": "warm", "stopGraceSeconds": 5}
+    return body
+
+
 def staged_study() -> dict:
     """examples/k8s/staged-study.yaml with smaller stages: every stage panel gets its series (a stage's trials
     finishing, its best value, which stage runs) without slowing the other two studies down much."""
@@ -169,16 +179,17 @@ def sample(prom, promql: str) -> float:
 
 
 @pytest.mark.cluster
-def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gpu_study_a_ladder_and_stages(
+def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gpu_study_a_ladder_stages_and_warm_workers(
         crds, kube_namespace, postgres_url, tmp_path):
     cluster = crds
-    port = free_port()
+    port, dispatch = free_port(), free_port()
     log = tmp_path / "operator.log"
-    studies = [gpu_study(), yaml.safe_load(LADDER.read_text()), staged_study()]
+    studies = [gpu_study(), yaml.safe_load(LADDER.read_text()), staged_study(), warm_gpu_study()]
     with prometheus_server([f"127.0.0.1:{port}"], job=JOB) as prom:
         operator = subprocess.Popen(
             [sys.executable, "-m", "speechtune.k8s", "-n", kube_namespace, f"--liveness=http://127.0.0.1:{free_port()}/healthz"],
-            env=dict(cluster.env, SPEECHTUNE_STORAGE_URL=postgres_url, SPEECHTUNE_METRICS_PORT=str(port)), cwd=REPO,
+            env=dict(cluster.env, SPEECHTUNE_STORAGE_URL=postgres_url, SPEECHTUNE_METRICS_PORT=str(port),
+                     SPEECHTUNE_DISPATCH_PORT=str(dispatch), SPEECHTUNE_DISPATCH_URL=f"http://127.0.0.1:{dispatch}"), cwd=REPO,
             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         try:
             for body in studies:
@@ -196,7 +207,7 @@ def test_every_panel_gets_data_from_prometheus_scraping_the_operator_during_a_gp
             for body in studies:
                 wait_until(lambda: study_status(cluster, kube_namespace, body["metadata"]["name"]).get("state") == "Succeeded",
                            timeout=120, what=f"study {body['metadata']['name']} to succeed")
-            gpu_name, ladder_name, staged_name = optuna_names
+            gpu_name, ladder_name, staged_name, _ = optuna_names
             wait_until(lambda: prom.query(f'sum(speechtune_trials_finished_total{{study="{gpu_name}"}}) == 8'),
                        timeout=10, what="Prometheus to scrape the GPU study's last trial")
             gpu_seconds = sample(prom, f'speechtune_gpu_seconds_total{{study="{gpu_name}"}}')

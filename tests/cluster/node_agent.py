@@ -27,6 +27,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -35,6 +36,8 @@ log = logging.getLogger("node-agent")
 SMP = "application/strategic-merge-patch+json"
 LEASE_SECONDS = 40
 HEARTBEAT_SECONDS = 10
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0  # status reports the API server did not take: backoff
+REQUEST_TIMEOUT = (5, 15)  # connect, read: a hung API server must not hold a pod's status forever
 POD_IP = "127.0.0.1"
 
 
@@ -58,6 +61,17 @@ def ignore_gone(fn, *args, **kwargs):
         if e.status != 404:
             raise
         return None
+
+
+def transient(error: Exception) -> bool:
+    """A failure that passes with time (the API server restarting or overloaded): a kubelet retries these."""
+    if isinstance(error, ApiException):
+        return not error.status or error.status == 429 or error.status >= 500
+    return isinstance(error, (urllib3.exceptions.HTTPError, OSError))
+
+
+def describe(error: Exception) -> str:
+    return f"{error.status} {error.reason}" if isinstance(error, ApiException) else f"{type(error).__name__}: {error}"
 
 
 class ContainerConfigError(Exception):
@@ -207,6 +221,9 @@ class PodRunner(threading.Thread):
         self.report_lock = threading.Lock()
         self.done_lock = threading.Lock()
         self.done = False
+        self.unsent: dict | None = None  # the newest status, until the API server has taken it
+        self.retrying = False  # a thread is sending ``unsent`` again (report_lock guards both)
+        self.gone = threading.Event()  # the pod object vanished, or the agent stops: nothing more to report
 
     def container(self, name: str) -> ContainerRun | None:
         return next((c for c in self.init_runs + self.runs if c.name == name), None)
@@ -268,16 +285,29 @@ class PodRunner(threading.Thread):
             c.signal(signal.SIGKILL)
 
     def finish_deletion(self) -> None:
-        """Removes the pod for good once its containers are gone, as a kubelet does (grace period 0)."""
+        """Removes the pod for good once its containers are gone, as a kubelet does (grace period 0); while the
+        API server is away, tries again with backoff."""
         meta = self.pod["metadata"]
         body = client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.uid))
-        ignore_gone(self.agent.core.delete_namespaced_pod, meta["name"], meta["namespace"],
-                    grace_period_seconds=0, body=body)
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            try:
+                ignore_gone(self.agent.core.delete_namespaced_pod, meta["name"], meta["namespace"],
+                            grace_period_seconds=0, body=body, _request_timeout=REQUEST_TIMEOUT)
+                break
+            except Exception as e:
+                if not transient(e):
+                    raise
+                log.warning("pod %s: final deletion failed (%s); retrying in %.1f s", self.key, describe(e), delay)
+            if self.gone.wait(delay):
+                return
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
         log.info("pod %s: deletion finished", self.key)
 
     def kill_now(self) -> None:
         """The pod object vanished (force deletion): its processes must not outlive it."""
         self.deleting.set()
+        self.gone.set()
         for c in self.init_runs + self.runs:
             c.signal(signal.SIGKILL)
 
@@ -302,7 +332,12 @@ class PodRunner(threading.Thread):
                 "lastTransitionTime": self.transitions[kind][1]}
 
     def report(self) -> None:
-        """Patches the pod status from the containers' current states."""
+        """Patches the pod status from the containers' current states.
+
+        As a kubelet's status manager does, a status the API server cannot take now (it restarts, it is
+        overloaded) is not lost: a thread sends the newest status again, with backoff (0.5 s doubling to
+        10 s), until it is taken or the pod is gone. The caller never waits for that.
+        """
         with self.report_lock:
             phase = self.phase()
             terminal = phase in ("Succeeded", "Failed")
@@ -325,12 +360,39 @@ class PodRunner(threading.Thread):
             }
             if self.init_runs:
                 status["initContainerStatuses"] = [c.status() for c in self.init_runs]
-            meta = self.pod["metadata"]
-            try:
-                ignore_gone(self.agent.core.patch_namespaced_pod_status, meta["name"], meta["namespace"],
-                            {"status": status}, _content_type=SMP)
-            except ApiException as e:
-                log.error("pod %s: status update failed: %s %s", self.key, e.status, e.body)
+            self.unsent = status
+            if self.send_status() or self.retrying:
+                return  # taken, or the retrying thread sends it (the lock keeps the order: each send is the newest)
+            self.retrying = True
+        threading.Thread(target=self.retry_report, daemon=True, name=f"report-{self.pod['metadata']['name']}").start()
+
+    def send_status(self) -> bool:
+        """Sends ``unsent`` (report_lock held); False when it failed for a reason that passes, so it must be sent again."""
+        meta = self.pod["metadata"]
+        try:  # the uid is a precondition: a status meant for this pod never lands on a namesake created meanwhile
+            ignore_gone(self.agent.core.patch_namespaced_pod_status, meta["name"], meta["namespace"],
+                        {"metadata": {"uid": self.uid}, "status": self.unsent}, _content_type=SMP,
+                        _request_timeout=REQUEST_TIMEOUT)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            if transient(e):
+                log.warning("pod %s: status update failed (%s); will retry", self.key, describe(e))
+                return False
+            log.error("pod %s: status update failed: %s %s", self.key, describe(e), getattr(e, "body", ""))
+        self.unsent = None
+        return True
+
+    def retry_report(self) -> None:
+        """Sends the newest status again, with backoff, until the API server takes it or the pod is gone."""
+        delay = RETRY_FIRST_SECONDS
+        while not self.gone.wait(delay):
+            with self.report_lock:
+                if self.unsent is None or self.send_status():  # None: a report() got it through meanwhile
+                    self.retrying = False
+                    log.info("pod %s: status update went through on retry", self.key)
+                    return
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+        with self.report_lock:
+            self.retrying = False
 
     # --- image -> local process
 

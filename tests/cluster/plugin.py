@@ -7,9 +7,11 @@ SPEECHTUNE_KEEP_CLUSTER=1). `kube_namespace` gives each test a fresh namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -104,6 +106,85 @@ def kube_namespace(kube_cluster: KubeCluster, request: pytest.FixtureRequest):
         time.sleep(0.2)
     yield name
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# -- kube-apiserver outages (docs/cluster.md): killed, then started again with the same command line --------------
+_restarted: list[subprocess.Popen] = []  # the API servers started here (kept: a Popen collected while running warns)
+
+
+@dataclass
+class Outage:
+    """One kube-apiserver outage: when it began and when the API server was ready again (time.monotonic())."""
+
+    began: float
+    back: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.back is None else self.back - self.began
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts as gone)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # ours (started by a restart here): reap it
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def wait_ready(cluster: KubeCluster, timeout: float = 90) -> None:
+    """Until the API server answers /readyz (every component reconnects on its own)."""
+    deadline = time.monotonic() + timeout
+    while cluster.kubectl("get", "--raw", "/readyz", "--request-timeout=2s", check=False, timeout=10).returncode:
+        if time.monotonic() > deadline:
+            log = cluster.state_dir / "logs" / "kube-apiserver.log" if cluster.state_dir else None
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"kube-apiserver not ready {timeout:.0f} s after its restart:\n{tail}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def apiserver_stopped(cluster: KubeCluster, sig: int = signal.SIGKILL):
+    """kube-apiserver killed (``sig``) on entry and started again on exit, even when the body fails, with the
+    command line, working directory, log and pid file of tests/cluster/up; the exit returns once /readyz
+    answers. Yields an ``Outage``. Only for the cluster tests/cluster/up runs (else the test is skipped):
+    other tests share it, so keep the body short."""
+    state = cluster.state_dir
+    if state is None:
+        pytest.skip("restarting kube-apiserver needs the tests/cluster/up cluster (its pid files)")
+    pid_file = state / "pids" / "kube-apiserver"
+    pid = int(pid_file.read_text())
+    if _gone(pid):
+        raise RuntimeError(f"kube-apiserver (pid {pid}) is not running")
+    argv = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    outage = Outage(time.monotonic())
+    try:
+        os.kill(pid, sig)
+        deadline = time.monotonic() + 30
+        while not _gone(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        yield outage
+    finally:
+        if _gone(pid):
+            with open(state / "logs" / "kube-apiserver.log", "ab") as log:
+                process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+            _restarted.append(process)
+            pid_file.write_text(f"{process.pid}\n")
+        wait_ready(cluster)
+        outage.back = time.monotonic()
+
+
+def restart_apiserver(cluster: KubeCluster, down_seconds: float) -> Outage:
+    """Kill kube-apiserver, leave it down ``down_seconds``, start it again; returns once it is ready."""
+    with apiserver_stopped(cluster) as outage:
+        time.sleep(down_seconds)
+    return outage
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,9 +1,12 @@
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from speechtune import spec
+from speechtune import cli, spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -60,101 +63,358 @@ def test_every_example_study_is_valid(path):
 
 
 PARAM = {"name": "p", "float": {"low": 0.1, "high": 1.0}}
-
-INVALID = {
-    "low above high": (
-        manifest(searchSpace=[{"name": "lr", "float": {"low": 1.0, "high": 0.1}}]),
-        "spec.searchSpace[0].float.low", "must be <= high",
-    ),
-    "log with low zero": (
-        manifest(searchSpace=[{"name": "lr", "float": {"low": 0, "high": 0.1, "log": True}}]),
-        "spec.searchSpace[0].float.low", "must be > 0 when log is true",
-    ),
-    "empty categorical": (
-        manifest(searchSpace=[{"name": "encoder", "categorical": []}]),
-        "spec.searchSpace[0].categorical", "non-empty list",
-    ),
-    "duplicate names": (
-        manifest(searchSpace=[PARAM, PARAM]),
-        "spec.searchSpace[1].name", "duplicate parameter name 'p'",
-    ),
-    "unknown sampler": (manifest(sampler={"type": "bayes"}), "spec.sampler.type", "unknown value 'bayes'"),
-    "unknown pruner": (manifest(pruner={"type": "asha"}), "spec.pruner.type", "unknown value 'asha'"),
-    "parallelism zero": (manifest(parallelism=0), "spec.parallelism", "must be >= 1"),
-    "min resource above max": (
-        manifest(pruner={"type": "hyperband", "minResource": 10, "maxResource": 3}),
-        "spec.pruner.minResource", "must be <= maxResource",
-    ),
-    "hyperband without max resource": (
-        manifest(pruner={"type": "hyperband"}), "spec.pruner.maxResource", "is required for hyperband",
-    ),
-    "max trials not a number": (manifest(maxTrials="many"), "spec.maxTrials", "must be an integer"),
-    "unknown direction": (manifest(objective={"metric": "wer", "direction": "down"}), "spec.objective.direction", "unknown value 'down'"),
-    "two kinds in one param": (
-        manifest(searchSpace=[{"name": "p", "int": {"low": 1, "high": 2}, "float": {"low": 1, "high": 2}}]),
-        "spec.searchSpace[0]", "exactly one of int, float or categorical",
-    ),
-    "fractional int bound": (
-        manifest(searchSpace=[{"name": "p", "int": {"low": 1.5, "high": 4}}]),
-        "spec.searchSpace[0].int.low", "whole number",
-    ),
-    "negative step": (
-        manifest(searchSpace=[{"name": "p", "int": {"low": 1, "high": 4, "step": -1}}]),
-        "spec.searchSpace[0].int.step", "must be > 0",
-    ),
-    "step with log": (
-        manifest(searchSpace=[{"name": "p", "float": {"low": 0.1, "high": 1, "step": 0.1, "log": True}}]),
-        "spec.searchSpace[0].float.step", "cannot be combined with log",
-    ),
-    "bad param name": (
-        manifest(searchSpace=[{"name": "learning rate", "float": {"low": 0.1, "high": 1}}]),
-        "spec.searchSpace[0].name", "must be an identifier",
-    ),
-    "missing command": (manifest(trialTemplate={"args": ["--x"]}), "spec.trialTemplate.command", "is required"),
-    "missing search space": (manifest(searchSpace=None), "spec.searchSpace", "is required"),
-    "unknown spec field": (manifest(maxTrail=3), "spec.maxTrail", "unknown field"),
-    "storage url without scheme": (manifest(storage={"url": "speechtune.db"}), "spec.storage.url", "must be a database URL"),
-    "grid over a continuous float": (
-        manifest(sampler={"type": "grid"}, searchSpace=[PARAM]), "spec.searchSpace[0].float", "grid sampler needs a step",
-    ),
-    "categorical choice is a mapping": (
-        manifest(searchSpace=[{"name": "p", "categorical": [{"a": 1}]}]),
-        "spec.searchSpace[0].categorical[0]", "must be strings, numbers",
-    ),
-    "reduction factor one": (
-        manifest(pruner={"type": "successiveHalving", "reductionFactor": 1}), "spec.pruner.reductionFactor", "must be >= 2",
-    ),
-    "shorthand with empty list": (
-        manifest(searchSpace=None, search_space={"dropout": []}), "spec.search_space.dropout.categorical", "non-empty list",
-    ),
-    "secretRef without key": (manifest(storage={"secretRef": {"name": "db"}}), "spec.storage.secretRef.key", "is required"),
-}
+LOW, HIGH = {"name": "low", "overrides": {"epochs": 1}}, {"name": "high", "overrides": {"epochs": 9}}
+REMOVE = object()
 
 
-@pytest.mark.parametrize("case", sorted(INVALID), ids=str)
-def test_invalid_spec_names_the_field_and_the_problem(case):
-    document, path, message = INVALID[case]
-    problems = problems_of(document)
-    assert any(p == path and message in m for p, m in problems), problems
+def put(dotted: str, value):
+    """A change: set the value at a dotted path of the manifest (list indexes as numbers; REMOVE deletes it)."""
+    def change(document):
+        *parents, last = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        key = int(last) if isinstance(node, list) else last
+        if value is REMOVE:
+            del node[key]
+        else:
+            node[key] = copy.deepcopy(value)
+    return change
 
 
-def test_every_problem_is_reported_at_once():
-    problems = problems_of(manifest(parallelism=0, maxTrials=0, sampler={"type": "bayes"}))
-    assert {p for p, _ in problems} == {"spec.parallelism", "spec.maxTrials", "spec.sampler.type"}
+def changes(*each):
+    def change(document):
+        for one in each:
+            one(document)
+    return change
 
 
-def test_wrong_kind_and_bad_name_are_rejected():
+def space(*params):
+    return put("spec.searchSpace", list(params))
+
+
+def ladder(levels=(LOW, HIGH), **fields):
+    """spec.fidelity (with pruner none, as a ladder needs): two levels, eta 2, 4 configurations, then fields."""
+    return changes(put("spec.pruner", {"type": "none"}),
+                   put("spec.fidelity", {"levels": list(levels), "reductionFactor": 2, "initialTrials": 4, **fields}))
+
+
+def template(**fields):
+    return put("spec.trialTemplate", {"command": ["python", "-m", "speechtune.fake_trainer"], **fields})
+
+
+def staged(*stages):
+    return put("spec.stages", [{"name": "baseline", "kind": "baseline"}, *stages])
+
+
+COARSE = {"name": "coarse", "kind": "search", "maxTrials": 4}
+FINE = {"name": "fine", "kind": "refine", "maxTrials": 4}
+GPU = "nvidia.com/gpu"
+NOT_A_MAP_KEY = ("CEL cannot see the keys (or the untyped values) of such a map, and a structural schema has no propertyNames: "
+                 "the API server admits it, the operator's parser fails the study with reason InvalidSpec")
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """One invalid study: a change to manifest() and the field the local parser (`speechtune validate`) names.
+
+    tests/speechtune/k8s/test_crd.py sends every case, in the Kubernetes form, through `kubectl apply
+    --dry-run=server` and the operator's parser: the API server must reject it naming api_field (default: the
+    same field; CEL often can name only a parent), unless the case says why it cannot be judged there:
+    local_only (only a study file can carry it) or operator_only (the CRD cannot express the check; the
+    API server admits it and the operator fails the study with reason InvalidSpec, naming the field).
+    """
+
+    id: str
+    change: Callable[[dict], object]
+    field: str | tuple[str, ...]
+    words: str = ""  # in the local message for the first field
+    api_field: str | tuple[str, ...] | None = None
+    api_words: str = ""  # in the API server's answer
+    only: bool = False  # the local parser names these fields and no other
+    local_only: str = ""
+    operator_only: str = ""
+    text: str | None = None  # a study file's text (a local_only case), instead of a change to manifest()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (self.field,) if isinstance(self.field, str) else self.field
+
+    @property
+    def api_fields(self) -> tuple[str, ...]:
+        named = self.field if self.api_field is None else self.api_field
+        return (named,) if isinstance(named, str) else named
+
+    def manifest(self) -> dict:
+        document = manifest()
+        self.change(document)
+        return document
+
+
+# Every invalid study of the spec tests, judged alike by speechtune validate, the operator's parser and the
+# API server (the CRD's schema and CEL rules); the "... preconditions" cases break what a CEL rule reads
+# (an empty list it indexes, a field it needs), so that the API server's answer is an error a user can act on.
+INVALID = [
+    Invalid("low above high", space({"name": "lr", "float": {"low": 1.0, "high": 0.1}}),
+            "spec.searchSpace[0].float.low", "must be <= high"),
+    Invalid("log with low zero", space({"name": "lr", "float": {"low": 0, "high": 0.1, "log": True}}),
+            "spec.searchSpace[0].float.low", "must be > 0 when log is true"),
+    Invalid("empty categorical", space({"name": "encoder", "categorical": []}), "spec.searchSpace[0].categorical", "non-empty list"),
+    Invalid("duplicate names", space(PARAM, PARAM), "spec.searchSpace[1].name", "duplicate parameter name 'p'",
+            api_field="spec.searchSpace[1]", api_words="Duplicate value"),
+    Invalid("unknown sampler", put("spec.sampler", {"type": "bayes"}), "spec.sampler.type", "unknown value 'bayes'"),
+    Invalid("unknown pruner", put("spec.pruner", {"type": "asha"}), "spec.pruner.type", "unknown value 'asha'"),
+    Invalid("parallelism zero", put("spec.parallelism", 0), "spec.parallelism", "must be >= 1"),
+    Invalid("min resource above max", put("spec.pruner", {"type": "hyperband", "minResource": 10, "maxResource": 3}),
+            "spec.pruner.minResource", "must be <= maxResource"),
+    Invalid("hyperband without max resource", put("spec.pruner", {"type": "hyperband"}), "spec.pruner.maxResource",
+            "is required for hyperband"),
+    Invalid("max trials not a number", put("spec.maxTrials", "many"), "spec.maxTrials", "must be an integer"),
+    Invalid("unknown direction", put("spec.objective", {"metric": "wer", "direction": "down"}), "spec.objective.direction",
+            "unknown value 'down'"),
+    Invalid("two kinds in one param", space({"name": "p", "int": {"low": 1, "high": 2}, "float": {"low": 1, "high": 2}}),
+            "spec.searchSpace[0]", "exactly one of int, float or categorical"),
+    Invalid("fractional int bound", space({"name": "p", "int": {"low": 1.5, "high": 4}}), "spec.searchSpace[0].int.low", "whole number"),
+    Invalid("negative step", space({"name": "p", "int": {"low": 1, "high": 4, "step": -1}}), "spec.searchSpace[0].int.step", "must be > 0"),
+    Invalid("step with log", space({"name": "p", "float": {"low": 0.1, "high": 1, "step": 0.1, "log": True}}),
+            "spec.searchSpace[0].float.step", "cannot be combined with log"),
+    Invalid("bad param name", space({"name": "learning rate", "float": {"low": 0.1, "high": 1}}), "spec.searchSpace[0].name",
+            "must be an identifier"),
+    Invalid("missing command", put("spec.trialTemplate", {"args": ["--x"]}), "spec.trialTemplate.command", "is required"),
+    Invalid("missing search space", put("spec.searchSpace", REMOVE), "spec.searchSpace", "is required"),
+    Invalid("unknown spec field", put("spec.maxTrail", 3), "spec.maxTrail", "unknown field"),
+    Invalid("storage url without scheme", put("spec.storage", {"url": "speechtune.db"}), "spec.storage.url", "must be a database URL"),
+    Invalid("grid over a continuous float", changes(put("spec.sampler", {"type": "grid"}), space(PARAM)),
+            "spec.searchSpace[0].float", "grid sampler needs a step", api_field="spec.searchSpace"),
+    Invalid("categorical choice is a mapping", space({"name": "p", "categorical": [{"a": 1}]}),
+            "spec.searchSpace[0].categorical[0]", "must be strings, numbers"),
+    Invalid("categorical choice is a list", space({"name": "p", "categorical": ["a", [1, 2]]}),
+            "spec.searchSpace[0].categorical[1]", "must be strings, numbers"),
+    Invalid("categorical choice is an empty mapping", space({"name": "p", "categorical": [{}]}),
+            "spec.searchSpace[0].categorical[0]", "must be strings, numbers"),
+    Invalid("duplicate categorical choices", space({"name": "p", "categorical": ["a", "a"]}), "spec.searchSpace[0].categorical",
+            "duplicate choices", operator_only="CEL cannot see the choices (they are untyped), and x-kubernetes-list-type: set would "
+            "make their order not matter to the API server, while the index of each choice is what Optuna stores"),
+    Invalid("reduction factor one", put("spec.pruner", {"type": "successiveHalving", "reductionFactor": 1}),
+            "spec.pruner.reductionFactor", "must be >= 2"),
+    Invalid("shorthand with empty list", changes(put("spec.searchSpace", REMOVE), put("spec.search_space", {"dropout": []})),
+            "spec.search_space.dropout.categorical", "non-empty list", api_field="spec.searchSpace[0].categorical"),
+    Invalid("secretRef without key", put("spec.storage", {"secretRef": {"name": "db"}}), "spec.storage.secretRef.key", "is required"),
+    Invalid("empty secretRef", put("spec.storage", {"secretRef": {}}), ("spec.storage.secretRef.name", "spec.storage.secretRef.key"),
+            "is required"),
+    Invalid("every problem at once", changes(put("spec.parallelism", 0), put("spec.maxTrials", 0), put("spec.sampler", {"type": "bayes"})),
+            ("spec.parallelism", "spec.maxTrials", "spec.sampler.type"), only=True),
+    Invalid("bad study name", put("metadata.name", "Has_Capitals"), "metadata.name", "lowercase letters, digits and '-'", only=True),
+    Invalid("dotted study name", put("metadata.name", "study.a"), "metadata.name", "lowercase letters, digits and '-'", only=True),
+    Invalid("wrong kind", put("kind", "Study"), "kind", "must be 'SpeechTuningStudy'", only=True,
+            local_only="on a cluster apiVersion and kind choose the resource: kubectl finds none for kind Study, before any validation"),
+    Invalid("yaml syntax error", lambda document: None, "<file>", "not valid YAML", text="spec: [unclosed\n",
+            local_only="a syntax error is in the file's text: kubectl cannot parse it into an object to send"),
+    # workers
+    Invalid("workers unknown mode", template(workers={"mode": "hot"}), "spec.trialTemplate.workers.mode",
+            "unknown value 'hot'; expected one of: cold, warm"),
+    Invalid("workers zero runs", template(workers={"mode": "warm", "maxRunsPerWorker": 0}), "spec.trialTemplate.workers.maxRunsPerWorker",
+            "must be >= 1"),
+    Invalid("workers runs not a number", template(workers={"mode": "warm", "maxRunsPerWorker": "many"}),
+            "spec.trialTemplate.workers.maxRunsPerWorker", "must be an integer"),
+    Invalid("workers zero grace", template(workers={"mode": "warm", "stopGraceSeconds": 0}), "spec.trialTemplate.workers.stopGraceSeconds",
+            "must be > 0"),
+    Invalid("workers grace not a number", template(workers={"mode": "warm", "stopGraceSeconds": "10s"}),
+            "spec.trialTemplate.workers.stopGraceSeconds", "must be a finite number"),
+    Invalid("workers fractional rss", template(workers={"mode": "warm", "maxRssMiB": 0.5}), "spec.trialTemplate.workers.maxRssMiB",
+            "must be an integer"),
+    Invalid("workers negative gpu memory", template(workers={"mode": "warm", "maxGpuMiB": -1}), "spec.trialTemplate.workers.maxGpuMiB",
+            "must be >= 1"),
+    Invalid("workers unknown field", template(workers={"mode": "warm", "reuse": True}), "spec.trialTemplate.workers.reuse", "unknown field"),
+    Invalid("workers not a mapping", template(workers="warm"), "spec.trialTemplate.workers", "must be a mapping"),
+    # resources: amounts >= 0, GPU counts whole
+    Invalid("negative gpu limit", template(resources={"limits": {GPU: -1}}), f"spec.trialTemplate.resources.limits[{GPU}]",
+            "must be >= 0"),
+    Invalid("negative gpu limit as a string", template(resources={"limits": {GPU: "-1"}}), f"spec.trialTemplate.resources.limits[{GPU}]",
+            "must be >= 0"),
+    Invalid("negative gpu request", template(resources={"requests": {GPU: -2}, "limits": {GPU: 1}}),
+            f"spec.trialTemplate.resources.requests[{GPU}]", "must be >= 0", only=True),
+    Invalid("fractional gpu limit", template(resources={"limits": {GPU: "500m"}}), f"spec.trialTemplate.resources.limits[{GPU}]",
+            "whole number of GPUs", api_field="spec.trialTemplate.resources.limits", api_words=GPU),
+    Invalid("fractional amd gpu request", template(resources={"requests": {"amd.com/gpu": "1.5"}}),
+            "spec.trialTemplate.resources.requests[amd.com/gpu]", "whole number of GPUs",
+            api_field="spec.trialTemplate.resources.requests", api_words="whole number of GPUs"),
+    Invalid("gpu limit a decimal number", template(resources={"limits": {GPU: 1.5}}), f"spec.trialTemplate.resources.limits[{GPU}]",
+            "must be an integer or a quantity", api_field=f"spec.trialTemplate.resources.limits.{GPU}"),
+    Invalid("gpu limit not a quantity (gpu rule preconditions)", template(resources={"limits": {GPU: "two"}}),
+            f"spec.trialTemplate.resources.limits[{GPU}]", "must be an integer or a quantity", api_words="must be an integer or a quantity"),
+    Invalid("negative cpu request", template(resources={"requests": {"cpu": "-500m"}}), "spec.trialTemplate.resources.requests[cpu]",
+            "must be >= 0"),
+    Invalid("memory not a quantity", template(resources={"limits": {"memory": "16 GB"}}), "spec.trialTemplate.resources.limits[memory]",
+            "must be an integer or a quantity"),
+    Invalid("unknown resources field", template(resources={"limit": {GPU: 1}}), "spec.trialTemplate.resources.limit", "unknown field"),
+    Invalid("quantity too long", template(resources={"limits": {"memory": "1" * 65}}), "spec.trialTemplate.resources.limits[memory]",
+            "at most 64 characters", api_field="spec.trialTemplate.resources.limits.memory", api_words="Too long"),
+    Invalid("too many resources", template(resources={"limits": {f"example.com/r{i}": 1 for i in range(33)}}),
+            "spec.trialTemplate.resources.limits", "at most 32"),
+    # env
+    Invalid("env without value", template(env=[{"name": "A"}]), "spec.trialTemplate.env[0].value", "is required"),
+    Invalid("env with an empty name", template(env=[{"name": "", "value": "x"}]), "spec.trialTemplate.env[0].name", "is required"),
+    Invalid("duplicate env names", template(env=[{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]),
+            "spec.trialTemplate.env[1].name", "duplicate variable 'A'", api_field="spec.trialTemplate.env[1]", api_words="Duplicate value"),
+    Invalid("env entry with valueFrom", template(env=[{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]),
+            ("spec.trialTemplate.env[0].valueFrom", "spec.trialTemplate.env[0].value"), "unknown field",
+            api_field="spec.trialTemplate.env[0].valueFrom"),
+    Invalid("env value not a string", template(env={"A": 1}), "spec.trialTemplate.env", "must map names to string values",
+            api_field="spec.trialTemplate.env[0].value"),
+    # bounds the CRD sets
+    Invalid("metric name too long", put("spec.objective", {"metric": "m" * 64}), "spec.objective.metric", "at most 63"),
+    Invalid("parameter name too long", space({"name": "p" * 64, "int": {"low": 1, "high": 2}}), "spec.searchSpace[0].name", "at most 63"),
+    Invalid("too many parameters", space(*({"name": f"p{i}", "int": {"low": 1, "high": 2}} for i in range(65))), "spec.searchSpace",
+            "at most 64"),
+    Invalid("too many categorical choices", space({"name": "p", "categorical": list(range(257))}), "spec.searchSpace[0].categorical",
+            "at most 256"),
+    Invalid("storage url scheme with a space", put("spec.storage", {"url": "my db://host/x"}), "spec.storage.url", "must be a database URL"),
+    # the fidelity ladder
+    Invalid("level name with a space", ladder([{"name": "low fi", "overrides": {"epochs": 1}}, HIGH]), "spec.fidelity.levels[0].name",
+            "lowercase letters, digits and '-'"),
+    Invalid("level name in capitals", ladder([LOW, {"name": "High", "overrides": {"epochs": 9}}]), "spec.fidelity.levels[1].name",
+            "lowercase letters, digits and '-'"),
+    Invalid("level name too long", ladder([LOW, {"name": "h" * 21, "overrides": {"epochs": 9}}]), "spec.fidelity.levels[1].name",
+            "at most 20 characters"),
+    Invalid("level without a name", ladder([LOW, {"overrides": {"epochs": 9}}]), "spec.fidelity.levels[1].name", "is required"),
+    Invalid("duplicate level names", ladder([LOW, LOW]), "spec.fidelity.levels[1].name", "duplicate level name 'low'",
+            api_field="spec.fidelity.levels[1]", api_words="Duplicate value"),
+    Invalid("override value an object", ladder([LOW, {"name": "high", "overrides": {"epochs": {"max": 9}}}]),
+            "spec.fidelity.levels[1].overrides.epochs", "must be a string, number or boolean"),
+    Invalid("override value a list", ladder([LOW, {"name": "high", "overrides": {"epochs": [9]}}]),
+            "spec.fidelity.levels[1].overrides.epochs", "must be a string, number or boolean"),
+    Invalid("override name not a parameter name", ladder([LOW, {"name": "high", "overrides": {"train-hours": 10}}]),
+            "spec.fidelity.levels[1].overrides.train-hours", "must be a parameter name", operator_only=NOT_A_MAP_KEY),
+    Invalid("too many overrides", ladder([LOW, {"name": "high", "overrides": {f"o{i}": 1 for i in range(65)}}]),
+            "spec.fidelity.levels[1].overrides", "at most 64"),
+    Invalid("seven levels", ladder([{"name": f"l{i}"} for i in range(7)], initialTrials=64), "spec.fidelity.levels", "2 to 6 levels",
+            api_words="must have at most 6 items"),
+    Invalid("ladder reduction factor above 64", ladder(reductionFactor=65, initialTrials=65), "spec.fidelity.reductionFactor",
+            "must be <= 64"),
+    Invalid("ladder initial trials above 100000", ladder(initialTrials=100001), "spec.fidelity.initialTrials", "must be <= 100000"),
+    Invalid("validation seeds above 32", changes(ladder(), put("spec.validation", {"seeds": 33})), "spec.validation.seeds",
+            "must be <= 32"),
+    # stages and warm start
+    Invalid("seventeen stages", staged(*({"name": f"s{i}", "kind": "search", "maxTrials": 1} for i in range(16))), "spec.stages",
+            "at most 16"),
+    Invalid("stage seeds above 32", staged(COARSE, {"name": "check", "kind": "validate", "seeds": 33}), "spec.stages[2].seeds",
+            "must be <= 32"),
+    Invalid("refine top k above 1000", staged(COARSE, dict(FINE, topK=1001)), "spec.stages[2].topK", "must be <= 1000"),
+    Invalid("stage fixed value an object", staged(dict(COARSE, fixed={"encoder": {"name": "lstm"}})), "spec.stages[1].fixed.encoder",
+            "must be a string, number or boolean", operator_only="a stage's fixed stays an untyped object so that CEL sees it for the "
+            "stage-kind rules; typing its values would hide it from them"),
+    Invalid("stage fixed name not a parameter name", staged(dict(COARSE, fixed={"num-layers": 4})), "spec.stages[1].fixed.num-layers",
+            "must be a parameter name", operator_only=NOT_A_MAP_KEY),
+    Invalid("region choices outside the space", staged(dict(COARSE, searchSpace=[{"name": "encoder", "categorical": ["gru"]}])),
+            "spec.stages[1].searchSpace[0].categorical", "are not in spec.searchSpace",
+            operator_only="CEL cannot see categorical choices (they are untyped)"),
+    Invalid("warm start study name too long", put("spec.warmStart", {"study": "s" * 513, "topK": 1}), "spec.warmStart.study",
+            "at most 512"),
+    Invalid("warm start top k above 1000", put("spec.warmStart", {"study": "source", "topK": 1001}), "spec.warmStart.topK",
+            "must be <= 1000"),
+    Invalid("warm start narrow top k above 1000", put("spec.warmStart", {"study": "source", "narrow": {"topK": 1001}}),
+            "spec.warmStart.narrow.topK", "must be <= 1000"),
+    Invalid("warm start duplicate fixed names", put("spec.warmStart", {"study": "source", "fixed": ["encoder", "encoder"]}),
+            "spec.warmStart.fixed[1]", "duplicate name 'encoder'", api_words="Duplicate value"),
+    Invalid("warm start fixed name too long", put("spec.warmStart", {"study": "source", "fixed": ["f" * 64]}), "spec.warmStart.fixed[0]",
+            "at most 63"),
+    Invalid("checkpoints keep best above 1000", put("spec.checkpoints", {"keepBest": 1001}), "spec.checkpoints.keepBest",
+            "must be <= 1000"),
+    # each CEL rule's preconditions: what it indexes or reads is missing or empty
+    Invalid("empty ladder levels (initialTrials rule preconditions)", ladder([]), "spec.fidelity.levels", "2 to 6 levels",
+            api_words="should have at least 2 items"),
+    Invalid("one ladder level (initialTrials rule preconditions)", ladder([LOW]), "spec.fidelity.levels", "2 to 6 levels",
+            api_words="should have at least 2 items"),
+    Invalid("ladder without levels (fidelity rules preconditions)", changes(put("spec.pruner", {"type": "none"}), put("spec.fidelity", {})),
+            "spec.fidelity.levels", "2 to 6 levels", api_words="Required value"),
+    Invalid("empty stage ladder levels (stage initialTrials rule preconditions)",
+            staged({"name": "coarse", "kind": "search", "pruner": {"type": "none"}, "fidelity": {"levels": [], "initialTrials": 4}}),
+            "spec.stages[1].fidelity.levels", "2 to 6 levels", api_words="should have at least 2 items"),
+    Invalid("empty stages list (first stage rule preconditions)", put("spec.stages", []), "spec.stages", "non-empty list",
+            api_words="should have at least 1 items"),
+    Invalid("stage without a kind (stage rules preconditions)", staged({"name": "coarse", "maxTrials": 4}), "spec.stages[1].kind",
+            "is required", api_words="Required value"),
+    Invalid("stage region without high (region rule preconditions)", staged(dict(COARSE, searchSpace=[{"name": "num_layers", "int": {"low": 4}}])),
+            "spec.stages[1].searchSpace[0].int.high", "must be a finite number", api_words="Required value"),
+    Invalid("stage empty region (region rule preconditions)", staged(dict(COARSE, searchSpace=[])), "spec.stages[1].searchSpace",
+            "at least one parameter", api_words="should have at least 1 items"),
+    Invalid("stage hyperband with min resource only (stage pruner rules preconditions)",
+            staged(dict(COARSE, pruner={"type": "hyperband", "minResource": 3})), "spec.stages[1].pruner.maxResource",
+            "is required for hyperband"),
+    Invalid("grid over an empty search space (grid rule preconditions)", changes(put("spec.sampler", {"type": "grid"}), space()),
+            "spec.searchSpace", "at least one parameter", api_words="should have at least 1 items"),
+    Invalid("int range without low (int rules preconditions)", space({"name": "n", "int": {"high": 4, "log": True}}),
+            "spec.searchSpace[0].int.low", "must be a finite number", api_words="Required value"),
+    Invalid("float range without high (float rules preconditions)", space({"name": "x", "float": {"low": 0.1, "step": 0.1}}),
+            "spec.searchSpace[0].float.high", "must be a finite number", api_words="Required value"),
+]
+
+
+def local_problems(case: Invalid, tmp_path: Path) -> list[tuple[str, str]]:
+    """What `speechtune validate` reports for the case (it runs spec.load_study, which runs parse_study)."""
+    with pytest.raises(spec.SpecError) as caught:
+        if case.text is not None:
+            (tmp_path / "study.yaml").write_text(case.text)
+            spec.load_study(tmp_path / "study.yaml")
+        else:
+            spec.parse_study(case.manifest())
+    return caught.value.problems
+
+
+def test_invalid_case_ids_are_unique():
+    assert len({case.id for case in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize("case", INVALID, ids=lambda case: case.id)
+def test_invalid_spec_names_the_field_and_the_problem(case, tmp_path):
+    problems = local_problems(case, tmp_path)
+    named = [path for path, _ in problems]
+    assert set(case.fields) <= set(named), problems
+    assert any(path == case.fields[0] and case.words in message for path, message in problems), problems
+    if case.only:
+        assert set(named) == set(case.fields), problems
+
+
+def test_speechtune_validate_rejects_a_negative_gpu_limit_naming_the_field(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(next(case for case in INVALID if case.id == "negative gpu limit").manifest()))
+    assert cli.main(["validate", str(path)]) == cli.EXIT_INVALID
+    assert f"  spec.trialTemplate.resources.limits[{GPU}]: must be >= 0, got -1" in capsys.readouterr().out
+
+
+def _with(change) -> dict:
     document = manifest()
-    document["kind"] = "Study"
-    document["metadata"]["name"] = "Has_Capitals"
-    assert {p for p, _ in problems_of(document)} == {"kind", "metadata.name"}
+    change(document)
+    return document
 
 
-def test_load_study_reports_yaml_syntax_errors(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("spec: [unclosed\n")
-    with pytest.raises(spec.SpecError, match="not valid YAML"):
-        spec.load_study(path)
+@pytest.mark.parametrize("resources", [
+    {"limits": {GPU: 2, "cpu": "500m", "memory": "16Gi"}, "requests": {GPU: "1", "cpu": "1.5", "memory": "1e9"}},
+    {"limits": {GPU: 0, "amd.com/gpu": "2", "ephemeral-storage": "10G"}},
+    {"requests": {GPU: "1e1", "cpu": ".5"}},
+], ids=["integers-and-quantities", "zero-gpus", "exponents"])
+def test_whole_gpu_counts_and_quantities_are_valid(resources):
+    assert spec.parse_study(_with(template(resources=resources))).trial_template.resources == resources
+
+
+def test_an_integral_number_is_an_integer_as_on_the_api_server():
+    """The API server reads 10.0 in an integer field (or a resource amount) as 10; so does a study file."""
+    study = spec.parse_study(_with(changes(put("spec.maxTrials", 10.0), template(resources={"limits": {GPU: 1.0}}))))
+    assert study.max_trials == 10 and isinstance(study.max_trials, int)
+
+
+def test_a_null_field_is_a_field_not_given_as_on_the_api_server():
+    """The API server drops a null field of a study object before it validates it; a study file means the same."""
+    study = spec.parse_study(_with(changes(
+        put("spec.fidelity", None), put("spec.stages", None), put("spec.warmStart", None), put("spec.checkpoints", None),
+        template(env={"A": "1", "B": None}, resources={"limits": {GPU: None, "cpu": "1"}}))))
+    assert (study.fidelity, study.stages, study.warm_start) == (None, (), None)
+    assert (study.trial_template.env, study.trial_template.resources) == ({"A": "1"}, {"limits": {"cpu": "1"}})
+    study = spec.parse_study(_with(ladder([LOW, {"name": "high", "overrides": {"epochs": 9, "train_hours": None}}])))
+    assert study.fidelity.levels[1].overrides == {"epochs": 9}
+    study = spec.parse_study(_with(space({"name": "c", "categorical": [None, "a"]})))
+    assert study.search_space[0].choices == (None, "a")  # a null choice is a choice
 
 
 def test_exponent_without_a_dot_is_a_number_in_study_files(tmp_path):
@@ -175,22 +435,3 @@ def test_workers_are_cold_unless_the_template_asks_for_warm_ones():
     assert workers == spec.Workers(mode="warm", max_runs_per_worker=5, stop_grace_seconds=2.5, max_rss_mib=4096, max_gpu_mib=1024)
     assert spec.parse_study(template_with({"mode": "warm"})).trial_template.workers == spec.Workers(
         mode="warm", max_runs_per_worker=20, stop_grace_seconds=10.0, max_rss_mib=None, max_gpu_mib=None)
-
-
-@pytest.mark.parametrize("workers, path, message", [
-    ({"mode": "hot"}, "mode", "unknown value 'hot'; expected one of: cold, warm"),
-    ({"mode": "warm", "maxRunsPerWorker": 0}, "maxRunsPerWorker", "must be >= 1"),
-    ({"mode": "warm", "maxRunsPerWorker": "many"}, "maxRunsPerWorker", "must be an integer"),
-    ({"mode": "warm", "stopGraceSeconds": 0}, "stopGraceSeconds", "must be > 0"),
-    ({"mode": "warm", "stopGraceSeconds": "10s"}, "stopGraceSeconds", "must be a finite number"),
-    ({"mode": "warm", "maxRssMiB": 0.5}, "maxRssMiB", "must be an integer"),
-    ({"mode": "warm", "maxGpuMiB": -1}, "maxGpuMiB", "must be >= 1"),
-    ({"mode": "warm", "reuse": True}, "reuse", "unknown field"),
-])
-def test_bad_workers_values_name_their_field(workers, path, message):
-    problems = problems_of(template_with(workers))
-    assert any(p == f"spec.trialTemplate.workers.{path}" and message in m for p, m in problems), problems
-
-
-def test_workers_must_be_a_mapping():
-    assert ("spec.trialTemplate.workers", "must be a mapping") in problems_of(template_with("warm"))

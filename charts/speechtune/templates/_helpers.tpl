@@ -67,6 +67,14 @@ Shared by the per-namespace Roles and the cluster-wide ClusterRole.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
+# Warm worker pods: a worker Job's annotation records the run it was given, so a restarted operator knows.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [patch]
+# Warm worker pods: each worker's token is a Secret created with it and deleted with it (by uid: only its own).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
 # Trial pods: watched for phase and exit code; their logs carry the metrics.
 - apiGroups: [""]
   resources: [pods]

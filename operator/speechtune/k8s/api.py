@@ -92,13 +92,22 @@ class Api:
                 return None
             raise
 
-    async def delete(self, path: str, propagation: str = "Background") -> bool:
-        """Delete; False when it was already gone."""
+    async def delete(self, path: str, propagation: str = "Background", grace_period: int | None = None,
+                     uid: str | None = None) -> bool:
+        """Delete; False when it was already gone, or (``uid`` given) when the object of that name is another one.
+
+        ``grace_period`` 0 kills a pod at once.
+        """
+        body: dict[str, Any] = {"propagationPolicy": propagation}
+        if grace_period is not None:
+            body["gracePeriodSeconds"] = grace_period
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", path, body={"propagationPolicy": propagation})
+            await self.request("DELETE", path, body=body)
             return True
         except ApiError as error:
-            if error.status == 404:
+            if error.status == 404 or (error.status == 409 and uid is not None):
                 return False
             raise
 

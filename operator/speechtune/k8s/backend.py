@@ -21,7 +21,7 @@ import aiohttp
 from speechtune.backend import Exit, TrialLaunch
 from speechtune.k8s import exits
 from speechtune.k8s.api import Api, ApiError, path
-from speechtune.k8s.logs import LogCursor
+from speechtune.k8s.logs import Backoff, LogCursor
 from speechtune.k8s.manifests import (
     API_VERSION, ATTEMPT_LABEL, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job, build_trial,
     job_name, rung_patch, trial_name,
@@ -108,30 +108,33 @@ class KubernetesJobBackend:
         return run
 
     async def _create(self, launch: TrialLaunch) -> None:
-        number, key = launch.number, (launch.number, launch.attempt)
-        trial_object, name = trial_name(self.study.name, number), job_name(self.study.name, number, launch.attempt)
+        key, name = (launch.number, launch.attempt), job_name(self.study.name, launch.number, launch.attempt)
         async with self._launch_gate:
             try:
-                uid = self.trial_uids.get(number)
-                trials = path("speechtuningtrials", self.namespace)
-                if uid is None:
-                    trial = await self.api.create(trials, build_trial(self.study, number, dict(launch.params), launch.rung))
-                    trial = trial or await self.api.get(f"{trials}/{trial_object}")
-                    if trial is None:
-                        raise LaunchError(f"trial {number}: its SpeechTuningTrial {trial_object} vanished while being created")
-                    uid = self.trial_uids[number] = trial["metadata"]["uid"]
-                    self.trial_status[number] = trial.get("status") or {}
-                elif launch.rung:  # promoted: the Trial's rung label follows its configuration up the ladder
-                    await self.api.patch(f"{trials}/{trial_object}", rung_patch(launch.rung))
-                owner = Owner(API_VERSION, TRIAL_KIND, trial_object, uid)
+                owner = await self.ensure_trial(launch)
                 jobs = path("jobs", self.namespace)
                 job = await self.api.create(jobs, build_job(owner, launch, self.options, self.study.name))
                 job = job or await self.api.get(f"{jobs}/{name}")  # AlreadyExists: launched before a restart
             except ApiError as error:
-                if error.status in (400, 403, 422):  # the request itself is wrong: retrying will not help
-                    raise LaunchError(f"trial {number}: cannot create its Job {name}: {error}") from error
-                raise
+                raise refused(error, f"trial {launch.number}: cannot create its Job {name}") from error
         self._note_job(key, job)
+
+    async def ensure_trial(self, launch: TrialLaunch) -> Owner:
+        """The run's SpeechTuningTrial, created on its configuration's first run; a promotion moves its rung label."""
+        number = launch.number
+        trial_object = trial_name(self.study.name, number)
+        uid = self.trial_uids.get(number)
+        trials = path("speechtuningtrials", self.namespace)
+        if uid is None:
+            trial = await self.api.create(trials, build_trial(self.study, number, dict(launch.params), launch.rung))
+            trial = trial or await self.api.get(f"{trials}/{trial_object}")
+            if trial is None:
+                raise LaunchError(f"trial {number}: its SpeechTuningTrial {trial_object} vanished while being created")
+            uid = self.trial_uids[number] = trial["metadata"]["uid"]
+            self.trial_status[number] = trial.get("status") or {}
+        elif launch.rung:  # promoted: the Trial's rung label follows its configuration up the ladder
+            await self.api.patch(f"{trials}/{trial_object}", rung_patch(launch.rung))
+        return Owner(API_VERSION, TRIAL_KIND, trial_object, uid)
 
     async def attach(self, study: str, number: int, attempt: str = "") -> "KubernetesRun | None":
         name = job_name(self.study.name, number, attempt)
@@ -219,6 +222,11 @@ async def apply_listing(backend: KubernetesJobBackend, kind: str, items: list[di
         apply("MODIFIED", item)
 
 
+def refused(error: ApiError, what: str) -> ApiError | LaunchError:
+    """A request that cannot succeed (retrying will not help) as a LaunchError naming ``what``; others as they are."""
+    return LaunchError(f"{what}: {error}") if error.status in (400, 403, 422) else error
+
+
 def _run_key(obj: dict[str, Any]) -> RunKey | None:
     labels = obj["metadata"].get("labels") or {}
     try:
@@ -296,10 +304,20 @@ class KubernetesRun:
             await self._news()
 
     async def _follow(self, pod: str) -> AsyncIterator[bytes]:
-        """One pod's log, followed; after a drop, resumed from the last line's timestamp."""
+        """One pod's log, followed; after a drop, resumed from the last line's timestamp.
+
+        A stream that ends or fails while the pod has not ended (its status may lag behind its end, the
+        API server may be away) is reopened after a backoff (logs.Backoff: 0.5 s doubling to 10 s, reset
+        by each new line), or as soon as the watches bring news of the run (its pod's end, say).
+        """
         logs = path("pods", self.backend.namespace, pod, "log")
         cursor = LogCursor()
+        backoff = Backoff()
         refused = False
+
+        def version(obj: dict[str, Any] | None) -> str | None:
+            return None if obj is None else obj["metadata"].get("resourceVersion")
+
         while not self._stopped:
             current = self.backend.pods.get(self.key, {}).get(pod)
             finished = current is None or exits.terminated(current) is not None
@@ -309,6 +327,7 @@ class KubernetesRun:
                 async for raw in self.backend.api.stream(logs, params, idle_timeout=LOG_IDLE_SECONDS):
                     text = cursor.accept(raw)
                     if text is not None:
+                        backoff.reset()
                         self._remember(text)
                         yield text
             except ApiError as error:
@@ -319,14 +338,21 @@ class KubernetesRun:
                     refused = True
                 else:
                     log.debug("trial %s: log of %s not readable yet: %s", self.number, pod, error)
-                await asyncio.sleep(1)
-                continue
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 log.debug("trial %s: log stream of %s dropped or idle, resuming: %s", self.number, pod, error)
-                await asyncio.sleep(0.5)
-                continue
-            if finished:
-                return
+            else:
+                if finished:
+                    return
+            # Again at once if the pod changed while its log was read; else after the backoff, or on news of the
+            # run from the watches (the pod's end, a relist once the API server is back). Nobody else waits on
+            # this run's news while its lines are read (wait() comes after): clearing it is safe.
+            changed = self.backend.changed(self.key)
+            changed.clear()
+            if version(self.backend.pods.get(self.key, {}).get(pod)) == version(current):
+                try:
+                    await asyncio.wait_for(changed.wait(), backoff.next())
+                except asyncio.TimeoutError:
+                    pass
 
     def _remember(self, text: bytes) -> None:
         if parse_line(text) is None and text.strip():

@@ -18,7 +18,7 @@ import kopf
 import optuna
 
 from speechtune import spec
-from speechtune.k8s import metrics, studyspec
+from speechtune.k8s import dispatch, metrics, studyspec
 from speechtune.k8s.api import GROUP, VERSION, Api
 from speechtune.k8s.runner import StorageProblem, StudyRunner, optuna_study_name, storage_url
 
@@ -38,6 +38,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.watching.client_timeout = 330
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     memo.api = Api.from_environment()
+    memo.dispatch = None
+    if os.environ.get(dispatch.PORT_ENV):
+        memo.dispatch = dispatch.Dispatch(os.environ.get(dispatch.URL_ENV) or
+                                          f"http://127.0.0.1:{os.environ[dispatch.PORT_ENV]}")
+        await memo.dispatch.start(int(os.environ[dispatch.PORT_ENV]), os.environ.get(dispatch.ADDRESS_ENV, "127.0.0.1"))
     port = os.environ.get(METRICS_PORT_ENV)
     if port:
         metrics.serve(int(port), os.environ.get(METRICS_ADDRESS_ENV, "127.0.0.1"))
@@ -52,6 +57,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if memo.dispatch is not None:
+        await memo.dispatch.close()
     await memo.api.close()
 
 
@@ -61,7 +68,7 @@ async def run_study(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
     def post(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
 
-    await StudyRunner(memo.api, body, post).run(stopped)
+    await StudyRunner(memo.api, body, post, memo.dispatch).run(stopped)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

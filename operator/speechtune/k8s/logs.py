@@ -1,9 +1,11 @@
-"""Resuming a pod's log exactly where it dropped (pure).
+"""Resuming a pod's log exactly where it dropped, and how soon to reopen it (pure).
 
 Logs are read with ``timestamps=true``. After a drop, the read is resumed
 with ``sinceTime`` -- which the API rounds down to whole seconds -- and the
 lines that the cursor has already passed on are skipped, so the reader sees
-each line once.
+each line once. A stream that ends (or fails) without a new line is reopened
+after a delay that doubles, up to a bound (``Backoff``): a pod whose status
+lags behind its end must not cost a log request in a loop.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ class LogCursor:
             return None
         self.last, self.same = (stamp, self.same + 1) if stamp == self.last else (stamp, 1)
         return text
+
+
+class Backoff:
+    """Delays before reopening a log stream: ``first`` s, doubling up to ``limit`` s; ``reset`` when lines arrive."""
+
+    def __init__(self, first: float = 0.5, limit: float = 10.0):
+        self.first = first
+        self.limit = limit
+        self._next = first
+
+    def next(self) -> float:
+        """The delay before the next attempt; the one after is twice as long, up to ``limit``."""
+        delay = self._next
+        self._next = min(self._next * 2, self.limit)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
 
 
 def split_stamp(raw: bytes, fallback: int) -> tuple[int, bytes]:

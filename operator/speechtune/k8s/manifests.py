@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from speechtune import spec
 from speechtune.backend import TrialLaunch
+from speechtune.podworker import DISPATCH_URL_ENV, TOKEN_ENV
 
 API_VERSION = "speechtune.io/v1alpha1"
 STUDY_KIND = "SpeechTuningStudy"
@@ -21,6 +23,11 @@ STUDY_LABEL = "speechtune.io/study"
 TRIAL_LABEL = "speechtune.io/trial"
 RUNG_LABEL = "speechtune.io/rung"
 ATTEMPT_LABEL = "speechtune.io/attempt"  # which run of a trial a Job is: "" (the only one), a level (L1-medium), a seed
+WORKER_LABEL = "speechtune.io/worker"  # a warm worker's index; its pods have no trial label
+TOKEN_ANNOTATION = "speechtune.io/token-sha256"  # on a worker's Job: what the operator checks its polls against
+SECRET_ANNOTATION = "speechtune.io/token-secret-uid"  # on a worker's Job: its token Secret, the only one deleted with it
+RUN_ANNOTATION = "speechtune.io/run"  # on a worker's Job: the run it was given last, so a restarted operator knows
+WORKER_TOKEN_KEY = "token"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "speechtune"}
 CONTAINER = "trainer"
 MAX_NAME = 63  # Job names end up in a pod label (batch.kubernetes.io/job-name)
@@ -124,12 +131,20 @@ def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str
     """
     command = list(launch.template.command)
     env = [{"name": name, "value": value} for name, value in sorted(launch.env.items())]
-    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})  # protocol lines reach the log as printed
+    pod = _pod_spec(command, list(launch.argv[len(command):]), env, launch.template, options)
+    run_labels = {**labels(study, launch.number, launch.rung), ATTEMPT_LABEL: launch.attempt}
+    return _job(job_name(study, launch.number, launch.attempt), run_labels, {}, trial, options, pod)
+
+
+def _pod_spec(command: list[str], args: list[str], env: list[dict[str, Any]], template: spec.TrialTemplate,
+              options: JobOptions) -> dict[str, Any]:
+    """A trainer pod: restricted PodSecurity, no service-account token, the template's resources."""
+    env = [*env, {"name": "PYTHONUNBUFFERED", "value": "1"}]  # protocol lines reach the log as printed
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": options.image,
         "command": command,
-        "args": list(launch.argv[len(command):]),
+        "args": args,
         "env": env,
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -138,7 +153,7 @@ def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    resources = {key: value for key, value in launch.template.resources.items() if key in ("limits", "requests")}
+    resources = {key: value for key, value in template.resources.items() if key in ("limits", "requests")}
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
@@ -154,18 +169,60 @@ def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str
     if options.checkpoint_claim:
         pod["volumes"] = [{"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": options.checkpoint_claim}}]
         container["volumeMounts"] = [{"name": CHECKPOINT_VOLUME, "mountPath": CHECKPOINT_MOUNT}]
-    run_labels = {**labels(study, launch.number, launch.rung), ATTEMPT_LABEL: launch.attempt}
+    return pod
+
+
+def _job(name: str, job_labels: dict[str, str], annotations: dict[str, str], owner: Owner, options: JobOptions,
+         pod: dict[str, Any]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "labels": job_labels, "ownerReferences": [owner.reference()]}
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": job_name(study, launch.number, launch.attempt),
-            "labels": run_labels,
-            "ownerReferences": [trial.reference()],
-        },
+        "metadata": metadata,
         "spec": {
             "backoffLimit": options.backoff_limit,
             "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
-            "template": {"metadata": {"labels": run_labels}, "spec": pod},
+            "template": {"metadata": {"labels": job_labels}, "spec": pod},
         },
     }
+
+
+def worker_name(study: str, index: int) -> str:
+    """A warm worker's Job (and token Secret): ``<study>-worker-<index>``; indexes are never reused by one operator."""
+    return _fit(study, f"-worker-{index}")
+
+
+def worker_labels(study: str, index: int) -> dict[str, str]:
+    return {**MANAGED_BY, STUDY_LABEL: study, WORKER_LABEL: str(index)}
+
+
+def build_worker_secret(study: Owner, index: int, token: str) -> dict[str, Any]:
+    """The worker's token, which only lets its pod ask the operator for its own runs; owned by the study."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": worker_name(study.name, index), "labels": worker_labels(study.name, index),
+                     "ownerReferences": [study.reference()]},
+        "type": "Opaque",
+        "stringData": {WORKER_TOKEN_KEY: token},
+    }
+
+
+def build_worker_job(study: Owner, index: int, template: spec.TrialTemplate, options: JobOptions, dispatch_url: str,
+                     token_sha256: str, secret_uid: str) -> dict[str, Any]:
+    """A warm worker: one pod that runs many of its study's runs, owned by the study.
+
+    The trainer command runs under ``speechtune.podworker``, which asks the operator for runs with the
+    token from the worker's Secret; its pod is a trial pod in every other respect (no service-account
+    token, no database credentials, restricted PodSecurity). Runs' argv and env come with each run.
+    """
+    name = worker_name(study.name, index)
+    command = ["python", "-m", "speechtune.podworker", "--", *template.command]
+    env = [{"name": key, "value": value} for key, value in sorted(template.env.items())]
+    env += [{"name": DISPATCH_URL_ENV, "value": dispatch_url},
+            {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": WORKER_TOKEN_KEY}}}]
+    pod = _pod_spec(command, list(template.args), env, template, options)
+    annotations = {TOKEN_ANNOTATION: token_sha256, SECRET_ANNOTATION: secret_uid}
+    return _job(name, worker_labels(study.name, index), annotations, study, options, pod)

@@ -54,17 +54,14 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
                                   "spec": raw})
     except spec.SpecError as error:
         problems.extend(error.problems)
-    else:
-        if study.trial_template.workers.mode == "warm":
-            problems.append(("spec.trialTemplate.workers.mode", "warm workers run only with speechtune run for now; "
-                             "on a cluster every run is a Job (mode: cold)"))
     if not options.job.image:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
     claims = checkpoint_claims(study) if not problems else {}
     problems += [(field, f"must be a PersistentVolumeClaim name on a cluster (lowercase letters, digits, '-', '.'), got {claim!r}")
                  for field, claim in claims.items() if not PVC_NAME.match(claim) or len(claim) > 253]
-    if len(set(claims.values())) > 1:
-        problems.append((sorted(claims)[-1], f"every checkpoint volume of a study must be one PVC; got {claims}"))
+    if len(set(claims.values())) > 1:  # named as the CRD's rule names it: checkpoints.volume when given, else a ladder's
+        named = "spec.checkpoints.volume" if "spec.checkpoints.volume" in claims else sorted(claims)[-1]
+        problems.append((named, f"every checkpoint volume of a study must be one PVC; got {claims}"))
     if problems:
         raise spec.SpecError(problems)
     if claims:

@@ -17,6 +17,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "examples" / "k8s" / "fake-study.yaml"
+# The tests' operator lets studies name the test databases (a real PostgreSQL on loopback) in spec.storage.url and
+# spec.warmStart.storage.url, as the chart's storage.allowStudyUrls would; the operator's own default allows none.
+STUDY_URL_ALLOW_LIST = {"SPEECHTUNE_STUDY_URL_SCHEMES": "postgresql,postgresql+psycopg,postgresql+psycopg2",
+                        "SPEECHTUNE_STUDY_URL_HOSTS": "127.0.0.1"}
 
 
 @contextlib.contextmanager
@@ -26,7 +30,7 @@ def operator_running(cluster, namespace: str, storage_url: str, monkeypatch, ext
 
     monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
     monkeypatch.setenv("SPEECHTUNE_STORAGE_URL", storage_url)
-    for name, value in (extra_env or {}).items():
+    for name, value in {**STUDY_URL_ALLOW_LIST, **(extra_env or {})}.items():
         monkeypatch.setenv(name, value)
     with KopfRunner(["run", "--standalone", "-n", namespace, "-m", "speechtune.k8s.handlers"], timeout=60) as runner:
         try:
@@ -36,9 +40,11 @@ def operator_running(cluster, namespace: str, storage_url: str, monkeypatch, ext
     assert runner.exception is None, runner.output
 
 
-def start_operator(cluster, namespace: str, storage_url: str, log_path, liveness_port: int) -> subprocess.Popen:
+def start_operator(cluster, namespace: str, storage_url: str, log_path, liveness_port: int,
+                   extra_env: dict | None = None) -> subprocess.Popen:
     """The operator as its own process (`python -m speechtune.k8s`), for tests that SIGKILL it."""
-    env = dict(cluster.env, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(free_port()))
+    env = dict(cluster.env, **STUDY_URL_ALLOW_LIST, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(free_port()),
+               **(extra_env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "speechtune.k8s", "-n", namespace, f"--liveness=http://127.0.0.1:{liveness_port}/healthz"],
         env=env, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)

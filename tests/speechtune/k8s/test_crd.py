@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 
 from speechtune import cli, spec
 from speechtune.k8s import studyspec
+from tests.speechtune import test_spec as spec_cases  # the spec tests' table of invalid studies (INVALID)
 from tests.speechtune.k8s.helpers import REPO, get_json, operator_running, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -96,8 +100,6 @@ BAD = [
     ("template-without-image", removing("spec.trialTemplate.image"), "spec.trialTemplate.image", "Required value"),
     ("env-without-value", setting("spec.trialTemplate.env", [{"name": "A"}]), "spec.trialTemplate.env[0].value", "Required value"),
     ("negative-backoff", setting("spec.trialTemplate.backoffLimit", -1), "spec.trialTemplate.backoffLimit", "greater than or equal to 0"),
-    ("warm-workers-on-a-cluster", setting("spec.trialTemplate.workers", {"mode": "warm"}), "spec.trialTemplate.workers.mode",
-     "warm workers run only with speechtune run"),
     ("workers-unknown-mode", setting("spec.trialTemplate.workers", {"mode": "hot"}), "spec.trialTemplate.workers.mode",
      "Unsupported value"),
     ("workers-zero-runs", setting("spec.trialTemplate.workers", {"maxRunsPerWorker": 0}), "spec.trialTemplate.workers.maxRunsPerWorker",
@@ -269,66 +271,197 @@ BAD_STAGES = [
     ("checkpoints-volume-not-the-stages", both(
         stage(1, maxTrials=None, fidelity=dict(LOW_HIGH, checkpointVolume="one")),
         setting("spec.checkpoints", {"keepBest": 2, "volume": "two"})),
-     "spec.checkpoints.volume", "must be the PVC that fidelity.checkpointVolume names", "spec.stages[1].fidelity.checkpointVolume"),
+     "spec.checkpoints.volume", "must be the PVC that fidelity.checkpointVolume names", "spec.checkpoints.volume"),
 ]
 
 
-@pytest.mark.parametrize("example, change, field, words",
-                         [(EXAMPLE, *case[1:]) for case in BAD] + [(LADDER, *case[1:]) for case in BAD_LADDERS]
-                         + [(STAGED, *case[1:4]) for case in BAD_STAGES],
-                         ids=[case[0] for case in BAD] + [f"ladder-{case[0]}" for case in BAD_LADDERS]
-                         + [f"stages-{case[0]}" for case in BAD_STAGES])
-def test_api_server_rejects_bad_study_naming_the_field(crds, kube_namespace, example, change, field, words):
-    body = manifest(example=example)
+# One object per invalid case, sent to the API server together (see dry_run): the CRD's own cases above and
+# every invalid case of the spec tests (tests/speechtune/test_spec.py INVALID) in the Kubernetes form.
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63].strip("-")
+
+
+CRD_CASES = [(f"crd-{case[0]}", EXAMPLE, *case[1:4], None) for case in BAD] \
+    + [(f"ladder-{case[0]}", LADDER, *case[1:4], None) for case in BAD_LADDERS] \
+    + [(f"stages-{case[0]}", STAGED, *case[1:5]) for case in BAD_STAGES]  # (name, example, change, field, words, parser's field)
+
+
+def crd_case_body(name: str, example: dict, change) -> dict:
+    body = manifest(slug(name), example)
     change(body)
-    result = crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=json.dumps(body), check=False)
-    assert result.returncode != 0, f"accepted: {json.dumps(body['spec'])}"
-    assert field in result.stderr and words in result.stderr, result.stderr
+    return body
 
 
-@pytest.mark.parametrize("change, field", [pytest.param(case[1], case[4], id=case[0])
-                                           for case in BAD_STAGES])
-def test_the_operators_parser_rejects_the_same_staged_manifests(change, field):
-    """The CRD and speechtune.spec agree: what CEL rejects in stages, the parser rejects too (on a file or a
-    CRD installed without its rules), naming the field (the parser names a list index where CEL cannot)."""
-    body = manifest(example=STAGED)
-    change(body)
-    with pytest.raises(spec.SpecError) as error:
-        studyspec.parse(body)
-    assert field in [path for path, _ in error.value.problems], error.value
+def to_cluster(document: dict, name: str) -> dict:
+    """A study file as a study object: its name (unless the case is about the name), the Kubernetes forms of
+    searchSpace and env, and the image a cluster requires."""
+    body = copy.deepcopy(document)
+    if isinstance(body.get("metadata"), dict) and body["metadata"].get("name") == spec_cases.manifest()["metadata"]["name"]:
+        body["metadata"]["name"] = name
+    raw = body.get("spec")
+    if isinstance(raw, dict):
+        if isinstance(raw.get("search_space"), dict) and "searchSpace" not in raw:
+            raw["searchSpace"] = [{"name": key, "categorical": choices} for key, choices in raw.pop("search_space").items()]
+        template = raw.get("trialTemplate")
+        if isinstance(template, dict):
+            template.setdefault("image", "speechtune-trainer:test")
+            if isinstance(template.get("env"), dict):
+                template["env"] = [{"name": key, "value": value} for key, value in template["env"].items()]
+    return body
 
 
-NEW_FIELDS = ("warm-start-", "checkpoints-", "warm-workers-", "workers-")  # the spec fields added with stages, warm start, workers
-LOCAL_ONLY = {  # valid for `speechtune run` (and `speechtune validate`), refused on a cluster by CEL and the operator alike
-    "warm-workers-on-a-cluster": "warm workers are local processes",
-    "checkpoints-volume-a-path": "locally the checkpoint volume is a directory",
-}
+SPEC_CASES = {case.id: (slug(f"spec-{case.id}"), case) for case in spec_cases.INVALID}
+BODIES = {slug(name): crd_case_body(name, example, change) for name, example, change, *_ in CRD_CASES} | {
+    name: to_cluster(case.manifest(), name) for name, case in SPEC_CASES.values() if not case.local_only}
+NAMES = {key: body["metadata"]["name"] for key, body in BODIES.items()}  # a case about the name sets its own
+assert len(set(NAMES.values())) == len(BODIES) == len(CRD_CASES) + sum(not case.local_only for case in spec_cases.INVALID)
+
+ADMITTED = re.compile(r"^speechtuningstudy\.speechtune\.io/(?P<name>\S+) (?:created|configured|unchanged) \(server dry run\)$", re.M)
+ANSWER = re.compile(r"^(?=Error from server|error: |resource mapping not found|Warning: )", re.M)
+NAMED = re.compile(r'SpeechTuningStudy\.speechtune\.io "(?P<name>[^"]+)" is invalid|for name: "(?P<mapping>[^"]+)"')
+RULE_FAILED = ("evaluating rule", "index out of bounds", "no such key", "no matching overload")  # a CEL rule that broke, not a verdict
 
 
-@pytest.mark.parametrize("change, field", [pytest.param(case[1], case[2], id=case[0]) for case in BAD
-                                           if case[0].startswith(NEW_FIELDS)])
-def test_the_operators_parser_and_speechtune_validate_judge_the_new_fields_as_the_api_server_does(change, field, tmp_path, capsys):
-    """Each invalid case of the new fields that `kubectl apply --dry-run=server` rejects (above), the operator's
-    parser rejects naming the same field; `speechtune validate` on the same spec (cluster-only fields removed)
-    rejects it too, except the LOCAL_ONLY cases, which are valid locally by design."""
-    body = manifest(example=EXAMPLE)
-    change(body)
+def dry_run(cluster, namespace: str, bodies: list[dict]) -> dict[str, str | None]:
+    """`kubectl apply --dry-run=server` of many objects: object name -> None when the API server admits it, else its answer.
+
+    One kubectl call sends them all (kubectl carries on past a rejected object and names it in its error). A
+    strict-decoding error (an unknown field) names no object: those objects are sent again, one per call, concurrently.
+    """
+    verdicts: dict[str, str | None] = {}
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", check=False, timeout=300,
+                             input="\n---\n".join(json.dumps(body) for body in bodies))
+    verdicts.update((match["name"], None) for match in ADMITTED.finditer(result.stdout))
+    for answer in ANSWER.split(result.stderr):
+        named = NAMED.search(answer)
+        if named:
+            verdicts[named["name"] or named["mapping"]] = answer.strip()
+    unnamed = [body for body in bodies if body["metadata"]["name"] not in verdicts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        alone = pool.map(lambda body: cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                                      input=json.dumps(body), check=False), unnamed)
+        for body, answer in zip(unnamed, alone):
+            verdicts[body["metadata"]["name"]] = None if answer.returncode == 0 else answer.stderr.strip()
+    return verdicts
+
+
+@pytest.fixture(scope="module")
+def verdicts(crds):
+    """The API server's answer to every invalid case of this module and of the spec tests, by object name."""
+    namespace = f"crd-cases-{uuid.uuid4().hex[:6]}"
+    crds.kubectl("create", "namespace", namespace)
+    try:
+        yield dry_run(crds, namespace, list(BODIES.values()))
+    finally:
+        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def names_field(answer: str, field: str) -> bool:
+    """The API server's answer names this field path (not merely a longer path that starts with it)."""
+    return re.search(rf"(?<![\w.]){re.escape(field)}(?![\w.\[/])", answer) is not None
+
+
+def names_or_inside(paths: list[str], field: str) -> bool:
+    """The parser names the field, or a field inside it (where CEL can name only the parent)."""
+    return any(path == field or path.startswith((f"{field}.", f"{field}[")) for path in paths)
+
+
+@pytest.mark.parametrize("name, field, words", [pytest.param(slug(name), field, words, id=name.removeprefix("crd-"))
+                                                for name, _, _, field, words, _ in CRD_CASES])
+def test_api_server_rejects_bad_study_naming_the_field(verdicts, name, field, words):
+    answer = verdicts[NAMES[name]]
+    assert answer is not None, f"accepted: {json.dumps(BODIES[name]['spec'])}"
+    assert names_field(answer, field) and words in answer, answer
+    assert not any(failure in answer for failure in RULE_FAILED), answer
+
+
+@pytest.mark.parametrize("case", [case for _, case in SPEC_CASES.values()], ids=lambda case: case.id)
+def test_every_invalid_spec_case_is_judged_alike_by_speechtune_validate_the_operator_and_the_api_server(verdicts, case, tmp_path):
+    """The two validators agree: each invalid study of the spec tests is rejected by `speechtune validate` (the
+    local parser), by the operator's parser and by the API server (`kubectl apply --dry-run=server`: the CRD's
+    schema and CEL rules), each naming the field, and no CEL rule fails to evaluate on it. The case says why
+    when it cannot be judged on a cluster (local_only) or when only the operator can judge it (operator_only)."""
+    local = spec_cases.local_problems(case, tmp_path)
+    assert any(path == case.fields[0] and case.words in message for path, message in local), local
+    if case.local_only:
+        pytest.skip(f"local only: {case.local_only}")
+    name, body = SPEC_CASES[case.id][0], BODIES[SPEC_CASES[case.id][0]]
     with pytest.raises(spec.SpecError) as error:
         studyspec.parse(copy.deepcopy(body))
-    assert field in [path for path, _ in error.value.problems], error.value
+    paths = [path for path, _ in error.value.problems]
+    assert set(case.fields) <= set(paths) or all(names_or_inside(paths, field) for field in case.api_fields), error.value
+    answer = verdicts[NAMES[name]]
+    if case.operator_only:
+        assert answer is None, f"the CRD now rejects it: drop operator_only ({case.operator_only}):\n{answer}"
+        return
+    assert answer is not None, f"accepted by the API server: {json.dumps(body['spec'])}"
+    assert all(names_field(answer, field) for field in case.api_fields) and case.api_words in answer, answer
+    assert not any(failure in answer for failure in RULE_FAILED), answer
+
+
+VALID_LOCALLY = {  # rejected on a cluster (by the schema or the operator), valid for `speechtune run` by design
+    "crd-pending-timeout-zero": "pendingTimeoutSeconds is a cluster-only field",
+    "crd-negative-backoff": "trialTemplate.backoffLimit is a cluster-only field",
+    "crd-negative-keep-trials": "retention is a cluster-only field",
+    "crd-template-without-image": "locally the trainer runs on this machine: no image",
+    "crd-checkpoints-volume-a-path": "locally the checkpoint volume is a directory",
+    "ladder-checkpoint-volume-not-a-pvc-name": "locally the checkpoint volume is a directory",
+    "ladder-checkpoints-volume-not-the-ladders": "locally each checkpoint volume is its own directory; a cluster mounts one PVC",
+    "stages-two-checkpoint-volumes-in-stages": "locally each checkpoint volume is its own directory; a cluster mounts one PVC",
+    "stages-checkpoints-volume-not-the-stages": "locally each checkpoint volume is its own directory; a cluster mounts one PVC",
+}
+SCHEMA_ONLY = {  # cluster-only fields the operator's parser takes as the API server admitted them (the schema is always there)
+    "crd-pending-timeout-zero", "crd-negative-backoff", "crd-negative-keep-trials",
+}
+CLUSTER_ONLY_FIELDS = {"spec": ("pendingTimeoutSeconds", "retention"), "trialTemplate": ("image", "backoffLimit", "ttlSecondsAfterFinished"),
+                       "storage": ("deleteOnStudyDeletion",)}
+
+
+@pytest.mark.parametrize("name, example, change, field, parser_field", [pytest.param(*case[:4], case[5] or case[3], id=case[0])
+                                                                        for case in CRD_CASES])
+def test_the_operators_parser_and_speechtune_validate_reject_what_the_api_server_rejects(name, example, change, field, parser_field,
+                                                                                        tmp_path, capsys):
+    """Each of the CRD's invalid cases (rejected by `kubectl apply --dry-run=server` above): the operator's parser
+    rejects it naming the field (or, where CEL names a parent, a field inside it), and so does `speechtune validate`
+    on the same spec without the cluster-only fields, except the VALID_LOCALLY cases, each with its reason."""
+    body = crd_case_body(name, example, change)
+    if name not in SCHEMA_ONLY:
+        with pytest.raises(spec.SpecError) as error:
+            studyspec.parse(copy.deepcopy(body))
+        assert names_or_inside([path for path, _ in error.value.problems], parser_field), error.value
     local = copy.deepcopy(body)
-    for name in ("pendingTimeoutSeconds", "retention"):
-        local["spec"].pop(name, None)
-    for name in ("image", "backoffLimit", "ttlSecondsAfterFinished"):
-        local["spec"]["trialTemplate"].pop(name, None)
-    local["spec"].get("storage", {}).pop("deleteOnStudyDeletion", None)
+    for section, fields in CLUSTER_ONLY_FIELDS.items():
+        holder = local["spec"] if section == "spec" else local["spec"].get(section, {})
+        for one in fields:
+            holder.pop(one, None)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(local))
     verdict = cli.main(["validate", str(tmp_path / "study.yaml")])
-    name = next(case[0] for case in BAD if case[1] is change)
-    if name in LOCAL_ONLY:
-        assert verdict == 0
+    printed = capsys.readouterr().out
+    if name in VALID_LOCALLY:
+        assert verdict == 0, printed
     else:
-        assert verdict == cli.EXIT_INVALID and f"  {field}: " in capsys.readouterr().out
+        paths = re.findall(r"^  (\S+): ", printed, re.M)
+        assert verdict == cli.EXIT_INVALID and names_or_inside(paths, parser_field), printed
+
+
+def test_a_null_field_is_a_field_not_given_for_the_api_server_and_the_parsers_alike(crds, kube_namespace):
+    """The API server drops null fields (even in a stage's fixed); the parsers read null as not given too."""
+    body = manifest("nulls", STAGED)
+    body["spec"].update(fidelity=None, warmStart=None, checkpoints=None)
+    body["spec"]["stages"][1].update(sampler=None, fixed={"encoder": None, "num_layers": 4})
+    body["spec"]["trialTemplate"]["resources"] = {"limits": {"nvidia.com/gpu": None, "cpu": "1"}, "requests": None}
+    result = crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", "-o", "json", input=json.dumps(body))
+    applied = json.loads(result.stdout)
+    assert applied["spec"]["stages"][1]["fixed"] == {"num_layers": 4}
+    assert applied["spec"]["trialTemplate"]["resources"] == {"limits": {"cpu": "1"}}
+    body["metadata"]["namespace"] = kube_namespace
+    assert studyspec.parse(applied) == studyspec.parse(body)  # the operator's parser, which is speechtune validate's
+
+
+def test_no_cel_rule_fails_to_evaluate_on_any_invalid_case(verdicts):
+    """Every CEL rule guards what it reads (has(), size()): the API server never answers with a broken rule."""
+    broken = {name: answer for name, answer in verdicts.items() if answer and any(failure in answer for failure in RULE_FAILED)}
+    assert not broken, broken
 
 
 def test_the_example_is_accepted_and_defaulted(crds, kube_namespace):

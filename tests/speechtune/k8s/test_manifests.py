@@ -237,12 +237,11 @@ def test_spec_problems_name_every_field():
     assert [path for path, _ in error.value.problems] == ["spec.searchSpace[0].categorical", "spec.trialTemplate.image"]
 
 
-def test_warm_workers_are_refused_on_a_cluster_naming_the_field():
+def test_warm_workers_parse_on_a_cluster():
     body = {"metadata": {"name": "digits"}, "spec": {"searchSpace": [{"name": "c", "categorical": [1, 2]}],
                                                      "trialTemplate": {"image": "t:1", "command": ["train"], "workers": {"mode": "warm"}}}}
-    with pytest.raises(spec.SpecError) as error:
-        studyspec.parse(body)
-    assert [path for path, _ in error.value.problems] == ["spec.trialTemplate.workers.mode"]
+    study, _ = studyspec.parse(body)
+    assert study.trial_template.workers.mode == "warm"
 
 
 # -- the fidelity ladder ---------------------------------------------------------------
@@ -449,3 +448,36 @@ def test_spec_checkpoints_volume_is_the_claim_every_trial_job_mounts():
     with pytest.raises(spec.SpecError) as error:
         studyspec.parse(body)
     assert "must be one PVC" in str(error.value)
+
+
+def test_a_worker_job_runs_the_trainer_under_the_pod_worker_with_its_token_from_its_secret_only():
+    from speechtune.k8s.manifests import build_worker_job, build_worker_secret, worker_name
+
+    worker = build_worker_job(STUDY, 3, TEMPLATE, JobOptions(image="trainer:1"), "http://op.ns.svc:8082", "sha", "uid-secret")
+    secret = build_worker_secret(STUDY, 3, "the-token")
+    pod = worker["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert worker["metadata"]["name"] == secret["metadata"]["name"] == worker_name("digits", 3) == "digits-worker-3"
+    assert container["command"] == ["python", "-m", "speechtune.podworker", "--", "python", "-m", "speechtune.fake_trainer"]
+    assert container["args"] == ["--epochs", "9"]
+    env = {var["name"]: var for var in container["env"]}
+    assert env["SPEECHTUNE_WORKER_TOKEN"] == {"name": "SPEECHTUNE_WORKER_TOKEN",
+                                              "valueFrom": {"secretKeyRef": {"name": "digits-worker-3", "key": "token"}}}
+    assert env["SPEECHTUNE_DISPATCH_URL"]["value"] == "http://op.ns.svc:8082" and env["HF_HOME"]["value"] == "/cache"
+    assert "the-token" not in json.dumps(worker), "the token is in the Secret, never in the Job"
+    assert pod["automountServiceAccountToken"] is False and pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"] == TEMPLATE.resources
+    assert worker["metadata"]["annotations"] == {"speechtune.io/token-sha256": "sha", "speechtune.io/token-secret-uid": "uid-secret"}
+    assert worker["metadata"]["ownerReferences"][0]["uid"] == secret["metadata"]["ownerReferences"][0]["uid"] == "uid-study"
+    assert "speechtune.io/trial" not in worker["metadata"]["labels"], "the Job backend must not take a worker for a trial's Job"
+
+
+def test_a_workers_assignment_survives_its_annotation_and_junk_reads_as_none():
+    from speechtune.k8s.workers import Assignment
+
+    given = Assignment("trial-4-L1@digits-worker-2#7", 4, "L1", 7, ["--epochs", "3"], {"SPEECHTUNE_TRIAL": "4"})
+    assert Assignment.parse(given.annotation()) == given
+    assert given.request() == {"run": given.id, "argv": ["--epochs", "3"], "env": {"SPEECHTUNE_TRIAL": "4"}}
+    for junk in (None, "", "{", "[]", '{"id": "x"}', '{"id": "x", "number": "four", "attempt": "", "seq": 1, "argv": [], "env": {}}'):
+        assert Assignment.parse(junk) is None, junk
