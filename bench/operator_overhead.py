@@ -21,6 +21,7 @@ default state dir) and Debian's PostgreSQL (started here, on loopback).
 
     python bench/operator_overhead.py                          # both parts, the issue's numbers
     python bench/operator_overhead.py --part overhead --repeats 3
+    python bench/operator_overhead.py --part overhead --runners operator-warm operator --repeats 3   # worker pods vs Jobs
     python bench/operator_overhead.py --part footprint --running 500 --window 120
 """
 
@@ -80,6 +81,14 @@ def fake_trainer_template(ledger: Path, trial_seconds: float) -> dict:
     """The fake trainer, 5 epochs of trial_seconds / 5 each."""
     return {"command": ledger_wrapper(ledger, '"$@"'),
             "args": ["python", "-m", "speechtune.fake_trainer", "--epochs", "5", "--sleep", f"{trial_seconds / 5:g}"]}
+
+
+def warm_fake_trainer_template(ledger: Path, trial_seconds: float) -> dict:
+    """The fake trainer as a warm worker: many runs per pod process, so it notes each run's start and
+    end itself (--timeline, the ledger's format) instead of an sh wrapper around its process."""
+    return {"command": ["python", "-m", "speechtune.fake_trainer"],
+            "args": ["--epochs", "5", "--sleep", f"{trial_seconds / 5:g}", f"--timeline={ledger}"],
+            "workers": {"mode": "warm", "maxRunsPerWorker": 1000}}
 
 
 def sleeper_template(ledger: Path, every: float, reports: int) -> dict:
@@ -202,9 +211,10 @@ def namespace(cluster: KubeCluster, prefix: str):
 
 @contextmanager
 def operator(cluster: KubeCluster, ns: str, storage_url: str, log: Path):
-    """`python -m speechtune.k8s -n NS` as a subprocess; yields (pid, metrics URL) once it is live."""
-    metrics_port, health_port = free_port(), free_port()
-    env = dict(cluster.env, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(metrics_port))
+    """`python -m speechtune.k8s -n NS` as a subprocess, serving warm worker pods too; yields (pid, metrics URL) once it is live."""
+    metrics_port, health_port, dispatch_port = free_port(), free_port(), free_port()
+    env = dict(cluster.env, SPEECHTUNE_STORAGE_URL=storage_url, SPEECHTUNE_METRICS_PORT=str(metrics_port),
+               SPEECHTUNE_DISPATCH_PORT=str(dispatch_port), SPEECHTUNE_DISPATCH_URL=f"http://127.0.0.1:{dispatch_port}")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "speechtune.k8s", "-n", ns,
                                  f"--liveness=http://127.0.0.1:{health_port}/healthz"],
@@ -243,7 +253,8 @@ async def watch_runs(api: Api, ns: str, study: str, seen: dict[str, dict[int, fl
         async for event, obj in api.watch(path(kind, ns), {"labelSelector": f"{STUDY_LABEL}={study}"}):
             synced.set()
             for item in obj["items"] if event == "SYNCED" else [obj]:
-                record(int(item["metadata"]["labels"][TRIAL_LABEL]), item.get("status") or {})
+                if TRIAL_LABEL in item["metadata"]["labels"]:  # not a warm worker's Job or pod
+                    record(int(item["metadata"]["labels"][TRIAL_LABEL]), item.get("status") or {})
 
     def job(number: int, status: dict) -> None:
         seen["created"].setdefault(number, time.time())
@@ -283,11 +294,12 @@ def storage_span(url: str, study_name: str) -> tuple[float, int]:
 
 
 # -- overhead ---------------------------------------------------------------------------------------
-def overhead_on_operator(args, cluster: KubeCluster, url: str, work: Path) -> dict:
+def overhead_on_operator(args, cluster: KubeCluster, url: str, work: Path, warm: bool = False) -> dict:
+    """One Job per trial, or (``warm``) warm worker pods, each trial a run in one of them."""
     ledger = work / f"operator-{uuid.uuid4().hex[:6]}.ledger"
     seen: dict[str, dict[int, float]] = {"created": {}, "completed": {}, "pod_succeeded": {}}
-    body = study_body("overhead", fake_trainer_template(ledger, args.trial_seconds), args.trials, args.parallelism,
-                      cluster=True, storage_url=None)
+    template = (warm_fake_trainer_template if warm else fake_trainer_template)(ledger, args.trial_seconds)
+    body = study_body("overhead", template, args.trials, args.parallelism, cluster=True, storage_url=None)
     with namespace(cluster, "bench-overhead") as ns, operator(cluster, ns, url, work / f"{ns}.operator.log") as (pid, _):
         async def run() -> tuple[float, str]:
             api = Api.from_environment()
@@ -311,7 +323,7 @@ def overhead_on_operator(args, cluster: KubeCluster, url: str, work: Path) -> di
         wall, uid = asyncio.run(run())
         cpu = cpu_seconds(pid) - cpu
         span, complete = storage_span(url, optuna_study_name(ns, "overhead", uid))
-    return dict(overhead_row("operator", args, wall, span, complete, ledger, seen),
+    return dict(overhead_row("operator, worker pods" if warm else "operator", args, wall, span, complete, ledger, seen),
                 operator_cores=round(cpu / wall, 3))
 
 
@@ -446,7 +458,8 @@ def medians(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["overhead", "footprint", "both"], default="both")
-    parser.add_argument("--runners", nargs="+", choices=["operator", "local"], default=["operator", "local"])
+    parser.add_argument("--runners", nargs="+", choices=["operator", "operator-warm", "local"], default=["operator", "local"],
+                        help="operator: one Job per trial; operator-warm: warm worker pods (overhead only); local: speechtune run")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--parallelism", type=int, default=20)
     parser.add_argument("--trial-seconds", type=float, default=5.0)
@@ -470,6 +483,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 if "operator" in args.runners:
                     rows.append(overhead_on_operator(args, cluster, url, work))
+                    print(json.dumps(rows[-1]), flush=True)
+                if "operator-warm" in args.runners:
+                    rows.append(overhead_on_operator(args, cluster, url, work, warm=True))
                     print(json.dumps(rows[-1]), flush=True)
                 if "local" in args.runners:
                     rows.append(overhead_on_local(args, url, work))

@@ -108,6 +108,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     display = _Display(console, study)
     checkpoints = study.checkpoints.volume or (study.fidelity.checkpoint_volume if study.fidelity else None) or workdir / "checkpoints"
     engine = Executor(study, storage, backend, notify=display.event, checkpoint_root=Path(checkpoints).resolve())
+    if warm:
+        backend.labels = engine.labels  # its idle-time and ignored-line metrics, under the study's labels
     display.engine = engine
     console.print(f"study [bold]{study.name}[/bold]: storage {redact(url)}, {_budget(study)}, "
                   f"{study.parallelism} at a time{' in warm workers' if warm else ''}, "

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also report WER 0 for run RUN and untagged, every epoch (a warm worker's backend must ignore both)")
     parser.add_argument("--no-metrics", action="store_true", help="exit 0 without reporting")
     parser.add_argument("--ledger", help="append this trial's number (and attempt) to a file at start (tests count runs)")
+    parser.add_argument("--timeline", help="append '<trial> start|end <epoch seconds>' to a file (benchmarks time runs)")
     parser.add_argument("--misleading-below-hours", type=float, default=0.0,
                         help="below this train_hours, rank configurations backwards: a proxy that cannot be trusted")
     parser.add_argument("--flat-below-hours", type=float, default=0.0,
@@ -115,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     if known.ledger:
         with open(known.ledger, "a") as ledger:
             ledger.write(" ".join(filter(None, [os.environ.get("SPEECHTUNE_TRIAL", "?"), os.environ.get("SPEECHTUNE_ATTEMPT")])) + "\n")
+    if known.timeline:
+        _timeline(known.timeline, "start")
+    try:
+        return _train(known, params, score)
+    finally:
+        if known.timeline:
+            _timeline(known.timeline, "end")
+
+
+def _timeline(path: str, what: str) -> None:
+    with open(path, "a") as timeline:
+        timeline.write(f"{os.environ.get('SPEECHTUNE_TRIAL', '?')} {what} {time.time():.6f}\n")
+
+
+def _train(known: argparse.Namespace, params: dict, score) -> int:
     if known.no_metrics:
         print("training... done (but forgot to report)")
         return 0

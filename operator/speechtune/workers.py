@@ -29,10 +29,11 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from speechtune import spec
+from speechtune import metrics, spec
 from speechtune.backend import Exit, TrialLaunch, TrialRun
 from speechtune.local import LaunchError, LocalProcessBackend, die_with, signal_group, split_lines
 from speechtune.protocol import READY, WORKER_ENV, protocol_object
@@ -105,6 +106,7 @@ class Worker:
         self.runs = 0
         self.current: WarmRun | None = None
         self.killed = ""  # why the backend killed it, if it did
+        self.idle_since: float | None = None  # up and without a run since (speechtune_worker_idle_seconds)
 
     def send(self, request: dict) -> None:
         assert self.process.stdin is not None
@@ -135,6 +137,7 @@ class WarmWorkerBackend:
         self.settings = workers
         self.started = 0  # workers started so far: warm mode's saving is the process starts it avoids
         self.ignored_lines = 0  # protocol lines not for the run their worker executed
+        self.labels = {"namespace": "", "study": ""}  # the metrics' labels: the executor's, once it has them
         self._workers: set[Worker] = set()  # alive
         self._idle: list[Worker] = []
         self._readers: set[asyncio.Task] = set()
@@ -152,6 +155,8 @@ class WarmWorkerBackend:
             return await self._cold.launch(launch)
         self.workdir.mkdir(parents=True, exist_ok=True)
         worker = self._idle.pop() if self._idle else await self._start(launch)
+        self._count_idle(worker)
+        worker.idle_since = None
         run = WarmRun(f"{launch.run_name}@{next(self._run_numbers)}", launch, worker,
                       self.workdir / f"{launch.run_name}.log", self.settings.stop_grace_seconds)
         run.log.write(f"# speechtune: run {run.id} in warm worker {worker.number} (pid {worker.process.pid}), "
@@ -219,8 +224,15 @@ class WarmWorkerBackend:
         else:
             run.take(line)
 
+    def _count_idle(self, worker: Worker) -> None:
+        if worker.idle_since is not None:
+            now = time.monotonic()
+            metrics.WORKER_IDLE_SECONDS.labels(**self.labels).inc(now - worker.idle_since)
+            worker.idle_since = now
+
     def _ignore(self, worker: Worker, run: WarmRun | None, message: dict) -> None:
         self.ignored_lines += 1
+        metrics.WORKER_IGNORED_LINES.labels(**self.labels).inc()
         (run.log if run is not None else worker.log).write(b"# speechtune: ignored the line above: it is not for the run this worker executes\n")
         if run is not None:
             run.ignored += 1
@@ -232,6 +244,7 @@ class WarmWorkerBackend:
         end = end if isinstance(end, dict) else {}
         worker.current = None
         worker.runs += 1
+        worker.idle_since = time.monotonic()
         run.finish(exit_of(end))
         why = worn_out(self.settings, worker.runs, worker.rss_mib(), end)
         if why:
@@ -240,6 +253,8 @@ class WarmWorkerBackend:
             self._idle.append(worker)
 
     def _retire(self, worker: Worker, why: str) -> None:
+        self._count_idle(worker)
+        worker.idle_since = None
         worker.log.write(f"# speechtune: worker retired: {why}\n".encode())
         if worker in self._idle:
             self._idle.remove(worker)

@@ -8,6 +8,8 @@ SPEECHTUNE_KEEP_CLUSTER=1). `kube_namespace` gives each test a fresh namespace.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import re
 import shutil
@@ -108,8 +110,9 @@ def kube_namespace(kube_cluster: KubeCluster, request: pytest.FixtureRequest):
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-# -- kube-apiserver outages (docs/cluster.md): killed, then started again with the same command line --------------
+# -- kube-apiserver outages: killed, then started again with the same command line ---------------------------------
 _restarted: list[subprocess.Popen] = []  # the API servers started here (kept: a Popen collected while running warns)
+_commands: dict[Path, tuple[list[str], str]] = {}  # state dir -> the killed API server's command line and cwd
 
 
 @dataclass
@@ -160,6 +163,7 @@ def apiserver_stopped(cluster: KubeCluster, sig: int = signal.SIGKILL):
         raise RuntimeError(f"kube-apiserver (pid {pid}) is not running")
     argv = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
     cwd = os.readlink(f"/proc/{pid}/cwd")
+    _commands[state] = (argv, cwd)
     outage = Outage(time.monotonic())
     try:
         os.kill(pid, sig)
@@ -170,14 +174,49 @@ def apiserver_stopped(cluster: KubeCluster, sig: int = signal.SIGKILL):
             time.sleep(0.05)
         yield outage
     finally:
-        if _gone(pid):
-            with open(state / "logs" / "kube-apiserver.log", "ab") as log:
-                process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-            _restarted.append(process)
-            pid_file.write_text(f"{process.pid}\n")
+        _start_apiserver_if_gone(state)
         wait_ready(cluster)
         outage.back = time.monotonic()
+
+
+def _start_apiserver_if_gone(state: Path) -> None:
+    pid_file = state / "pids" / "kube-apiserver"
+    if not _gone(int(pid_file.read_text())) or state not in _commands:
+        return
+    argv, cwd = _commands[state]
+    with open(state / "logs" / "kube-apiserver.log", "ab") as log:
+        process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    _restarted.append(process)
+    pid_file.write_text(f"{process.pid}\n")
+
+
+def wait_whole(cluster: KubeCluster, timeout: float = 120) -> None:
+    """Until the cluster runs a Job to completion again: after a restart the API server answers before the
+    controllers, scheduler and node agent have caught up (their watches back off, the Job controller's cache
+    lags), and the next test, maybe another's, must find a working cluster."""
+    name = f"canary-{uuid.uuid4().hex[:8]}"
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+               {"name": "canary", "image": "python:3.11", "command": ["python", "-c", "pass"]}]}}}}
+    cluster.kubectl("create", "-f", "-", input=json.dumps(job))
+    try:
+        cluster.kubectl("wait", "--for=condition=Complete", f"job/{name}", "-n", "default", f"--timeout={timeout:.0f}s",
+                        timeout=timeout + 30)
+    finally:
+        cluster.kubectl("delete", "job", name, "-n", "default", "--cascade=background", "--wait=false", check=False)
+
+
+@pytest.fixture
+def apiserver_outage(kube_cluster: KubeCluster):
+    """``apiserver_stopped`` for this cluster (``with apiserver_outage() as outage: ...``). Afterwards, passed or
+    failed, the API server runs and the cluster runs a Job again (``wait_whole``): other tests share it."""
+    if kube_cluster.state_dir is None:
+        pytest.skip("restarting kube-apiserver needs the tests/cluster/up cluster (its pid files)")
+    yield functools.partial(apiserver_stopped, kube_cluster)
+    _start_apiserver_if_gone(kube_cluster.state_dir)
+    wait_ready(kube_cluster)
+    wait_whole(kube_cluster)
 
 
 def restart_apiserver(cluster: KubeCluster, down_seconds: float) -> Outage:

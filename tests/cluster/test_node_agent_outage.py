@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.cluster.plugin import CLUSTER_DIR, apiserver_stopped
+from tests.cluster.plugin import CLUSTER_DIR
 
 pytestmark = pytest.mark.cluster
 
@@ -67,7 +67,7 @@ def phase(cluster, namespace: str, name: str) -> str:
 
 
 def test_a_pod_that_ends_while_the_apiserver_is_down_is_reported_once_it_is_back(kube_cluster, kube_namespace,
-                                                                                 own_node, tmp_path):
+                                                                                 own_node, apiserver_outage, tmp_path):
     node, agent_log = own_node
     gate = tmp_path / "gate"
     code = f"import os, time\nprint('waiting', flush=True)\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.05)"
@@ -81,7 +81,7 @@ def test_a_pod_that_ends_while_the_apiserver_is_down_is_reported_once_it_is_back
         status = json.loads(kube_cluster.kubectl("get", "pod", "ends-in-outage", "-n", kube_namespace, "-o",
                                                  "json").stdout)["status"]["containerStatuses"][0]
         pid = int(status["containerID"].removeprefix("speechtune://"))
-        with apiserver_stopped(kube_cluster):
+        with apiserver_outage():
             gate.touch()  # the container exits now, while nobody can hear of it
             deadline = time.monotonic() + 20
             while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

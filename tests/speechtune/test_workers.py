@@ -14,7 +14,7 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from speechtune import fake_trainer, protocol, spec
+from speechtune import fake_trainer, metrics, protocol, spec
 from speechtune.backend import build_launch
 from speechtune.executor import Executor
 from speechtune.local import LocalProcessBackend
@@ -196,10 +196,13 @@ def test_lines_for_another_run_are_ignored_and_counted(tmp_path):
         forger = await backend.launch(launch_of(1, "--epochs", "3", "--forge", victim.id))
         return await asyncio.gather(finish(victim), finish(forger)), forger
 
+    counted = metrics.WORKER_IGNORED_LINES.labels(namespace="", study="")
+    before = counted._value.get()
     ((victim, forged), forger), backend = in_backend(tmp_path, body)
     assert victim[0] == expected(3), "WER 0 for the victim's id, printed by another worker, is not the victim's"
     assert forged[0] == expected(3), "nor are the forger's own untagged lines"
     assert backend.ignored_lines == forger.ignored == 6
+    assert counted._value.get() - before == 6, "speechtune_worker_ignored_lines counts them"
     assert backend.started == 2
 
 

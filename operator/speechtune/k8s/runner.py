@@ -358,10 +358,10 @@ class StudyRunner:
                 if not running.done():
                     running.cancel()
                     await asyncio.gather(running, return_exceptions=True)
-            if isinstance(backend, KubernetesWorkerBackend):
-                await backend.finish()
             reason = "Completed" if outcome.state == "Succeeded" else "TooManyFailures"
             await self._sync(engine, backend, outcome.state, reason, outcome.message, generation)
+            if isinstance(backend, KubernetesWorkerBackend):
+                await backend.finish()  # the study's result first: retiring its workers takes seconds
         finally:
             await backend.close()
         await self._until_changed(generation, stopped)  # done: a bigger budget starts it again

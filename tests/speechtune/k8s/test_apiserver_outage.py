@@ -16,7 +16,6 @@ import time
 import pytest
 from kubernetes import client, config, watch
 
-from tests.cluster.plugin import apiserver_stopped
 from tests.speechtune.k8s.helpers import (
     delete_studies, free_port, get_json, healthy, small_study, start_operator, stop_operator, wait_for_study_end, wait_until,
 )
@@ -50,7 +49,7 @@ def wait_for_a_status_write(cluster, namespace: str, min_step: int, timeout: flo
     raise AssertionError(f"no Trial status with lastStep >= {min_step} within {timeout:.0f} s")
 
 
-def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres_url, tmp_path):
+def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres_url, apiserver_outage, tmp_path):
     cluster = crds
     hold = tmp_path / "hold"
     hold.touch()
@@ -65,7 +64,7 @@ def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres
         wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
         wait_for_a_status_write(cluster, kube_namespace, min_step=3)
         time.sleep(0.3)  # values read since that write: the next one meets the dead API server
-        with apiserver_stopped(cluster) as outage:
+        with apiserver_outage() as outage:
             time.sleep(3)
         hold.unlink()  # the trainers end now: their pods end with the API server up
         before = last_steps(cluster, kube_namespace)
@@ -89,4 +88,4 @@ def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres
     assert "cannot write status" in log or "resuming once the API server answers" in log, log[-4000:]
     assert status["state"] == "Succeeded", (status, log[-4000:])
     assert status["trials"]["complete"] == 4, status
-    assert new_job < 20, f"the study continued only {new_job:.1f} s after the API server's return"
+    assert new_job < 30, f"the study continued only {new_job:.1f} s after the API server's return"
