@@ -18,6 +18,7 @@ FAIL_REASON = "fail_reason"
 FAIL_MESSAGE = "fail_message"
 REQUEUED_FROM = "requeued_from"  # the interrupted trial this one runs again
 LEVEL = "level"  # fidelity ladder: the level a configuration is assigned to (running, queued or done)
+BRACKET = "bracket"  # fidelity ladder with brackets: the Hyperband bracket of a configuration (absent: 0)
 STAGE = "stage"  # the spec.stages entry a trial belongs to
 SEED = "seed"  # a baseline trial's seed, when the baseline runs several
 CHECKPOINT = "checkpoint"  # the trial's final checkpoint file, kept for warm start (spec.checkpoints)
@@ -29,6 +30,11 @@ INTERRUPTED = "interrupted"  # fail reason of a trial whose runner died; not a r
 def level_metrics_key(level_name: str) -> str:
     """The metrics of a configuration's run at one fidelity level."""
     return f"metrics_{level_name}"
+
+
+def level_finished_key(level_name: str) -> str:
+    """When a configuration's run at one fidelity level ended (unix time): the last tie-break of its ranking."""
+    return f"finished_{level_name}"
 
 
 # -- study user attributes -----------------------------------------------------------------
@@ -55,6 +61,10 @@ def stage(trial: FrozenTrial) -> str | None:
 
 def level(trial: FrozenTrial) -> int | None:
     return trial.user_attrs.get(LEVEL)
+
+
+def bracket(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get(BRACKET, 0))
 
 
 def checkpoint(trial: FrozenTrial) -> str | None:

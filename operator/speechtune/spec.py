@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -124,10 +124,26 @@ class TrialTemplate:
     workers: Workers = Workers()
 
 
+# The metrics a level may rank configurations by besides the study's objective: what the speechtune
+# trainers report every epoch (the NeMo trainer: wer, cer, val_loss). A typo here would rank by nothing.
+RANK_METRICS = ("wer", "cer", "val_loss")
+
+
+@dataclass(frozen=True)
+class Rank:
+    """How a fidelity level orders configurations for promotion: a metric, then a tie-break metric (docs/fidelity.md)."""
+
+    metric: str
+    direction: str = "minimize"
+    tie_break: str | None = None
+    tie_break_direction: str = "minimize"
+
+
 @dataclass(frozen=True)
 class Level:
     name: str
     overrides: dict[str, Any]
+    rank: Rank | None = None  # None: by the study's objective
 
 
 @dataclass(frozen=True)
@@ -141,10 +157,26 @@ class Fidelity:
     resume_from_checkpoint: bool = True
     correlation_warning: float = 0.5
     checkpoint_volume: str | None = None
+    brackets: int = 1  # Hyperband: bracket b starts its configurations at level b
 
     def rung_sizes(self) -> list[int]:
         """How many configurations run each level: 64 -> 16 -> 4 for eta 4."""
         return [max(1, self.initial_trials // self.reduction_factor**k) for k in range(len(self.levels))]
+
+    def bracket_sizes(self) -> list[list[int]]:
+        """Each bracket's configurations per level (0 below its start), as in Hyperband: bracket b starts
+        ceil(L / (L - b) * initialTrials / eta^b) configurations at level b, so that every bracket costs about
+        the same when a level costs eta times the one below (64 -> 16 -> 4, 24 -> 6, 12 for 3 levels, eta 4)."""
+        count, eta = len(self.levels), self.reduction_factor
+        sizes = []
+        for bracket in range(self.brackets):
+            first = self.initial_trials if bracket == 0 else math.ceil(count * self.initial_trials / ((count - bracket) * eta**bracket))
+            sizes.append([0 if level < bracket else max(1, first // eta ** (level - bracket)) for level in range(count)])
+        return sizes
+
+    def configurations(self) -> int:
+        """The configurations the ladder samples: each bracket's first level."""
+        return sum(sizes[bracket] for bracket, sizes in enumerate(self.bracket_sizes())) if self.levels else 0
 
 
 @dataclass(frozen=True)
@@ -344,10 +376,10 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
     space = _parse_search_space(spec.get("searchSpace", spec.get("search_space")), space_path, check)
     template = _parse_template(check.mapping(spec.get("trialTemplate"), "spec.trialTemplate"), check)
     storage = _parse_storage(check.mapping(spec.get("storage"), "spec.storage"), check)
-    fidelity = _parse_fidelity(spec.get("fidelity"), check) if "fidelity" in spec else None
+    fidelity = _parse_fidelity(spec.get("fidelity"), objective, check) if "fidelity" in spec else None
     if fidelity is not None and pruner.type != "none":
         check.fail("spec.pruner.type", "must be none with spec.fidelity: the ladder decides which configurations continue")
-    stages = _parse_stages(spec["stages"], space, pruner, check) if "stages" in spec else ()
+    stages = _parse_stages(spec["stages"], space, pruner, objective, check) if "stages" in spec else ()
     if stages and fidelity is not None:
         check.fail("spec.fidelity", "give the ladder on the stage that uses it (spec.stages[i].fidelity), not with spec.stages")
     warm_start = _parse_warm_start(spec["warmStart"], space, check) if "warmStart" in spec else None
@@ -379,8 +411,8 @@ def stage_trials(stage: Stage) -> int:
         return stage.seeds
     if stage.kind == "validate":
         return 0
-    sizes = stage.fidelity.rung_sizes() if stage.fidelity else []
-    return sizes[0] if sizes else stage.max_trials  # a rejected ladder has no levels
+    configurations = stage.fidelity.configurations() if stage.fidelity else 0
+    return configurations or stage.max_trials  # a rejected ladder has no levels
 
 
 _STAGE_FIELDS = {
@@ -391,7 +423,8 @@ _STAGE_FIELDS = {
 }
 
 
-def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, check: _Checker) -> tuple[Stage, ...]:
+def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, objective: Objective,
+                  check: _Checker) -> tuple[Stage, ...]:
     if not isinstance(value, list) or not value:
         check.fail("spec.stages", "must be a non-empty list of stages, e.g. [{name: coarse, kind: search, maxTrials: 20}]")
         return ()
@@ -418,7 +451,7 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
         if kind in ("validate", "refine") and not any(s.kind in ("baseline", "search", "refine") for s in stages):
             what = "the best configuration so far" if kind == "validate" else "the top-k of the earlier stages"
             check.fail(f"{path}.kind", f"a {kind} stage needs an earlier baseline, search or refine stage: it uses {what}")
-        fidelity = _parse_fidelity(raw["fidelity"], check, f"{path}.fidelity") if "fidelity" in raw else None
+        fidelity = _parse_fidelity(raw["fidelity"], objective, check, f"{path}.fidelity") if "fidelity" in raw else None
         max_trials = 0
         if searching and fidelity is None:
             max_trials = check.integer(raw.get("maxTrials"), f"{path}.maxTrials", minimum=1) or 0
@@ -530,10 +563,10 @@ def _parse_checkpoints(value: dict, check: _Checker) -> Checkpoints:
     return Checkpoints(keep_best=keep_best, volume=volume)
 
 
-def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") -> Fidelity | None:
+def _parse_fidelity(value: Any, objective: Objective, check: _Checker, path: str = "spec.fidelity") -> Fidelity | None:
     value = check.mapping(value, path)
     check.unknown_keys(value, path, {"levels", "reductionFactor", "initialTrials", "mode", "resumeFromCheckpoint",
-                                     "correlationWarning", "checkpointVolume"})
+                                     "correlationWarning", "checkpointVolume", "brackets"})
     raw_levels = value.get("levels")
     if not isinstance(raw_levels, list) or not 2 <= len(raw_levels) <= MAX_LEVELS:
         check.fail(f"{path}.levels", f"needs 2 to {MAX_LEVELS} levels, lowest fidelity first")
@@ -542,7 +575,7 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
     for index, level in enumerate(raw_levels):
         where = f"{path}.levels[{index}]"
         level = check.mapping(level, where)
-        check.unknown_keys(level, where, {"name", "overrides"})
+        check.unknown_keys(level, where, {"name", "overrides", "rank"})
         name = level.get("name")
         if not isinstance(name, str) or not STUDY_NAME.match(name) or len(name) > MAX_LEVEL_NAME:
             check.fail(f"{where}.name", f"is required: lowercase letters, digits and '-', at most {MAX_LEVEL_NAME} characters "
@@ -558,7 +591,8 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
                 check.fail(f"{where}.overrides.{key}", "must be a parameter name (letters, digits, '_')")
             if not isinstance(override, (str, int, float, bool)):
                 check.fail(f"{where}.overrides.{key}", f"must be a string, number or boolean, got {override!r}")
-        levels.append(Level(name=name, overrides=dict(overrides)))
+        rank = _parse_rank(level["rank"], objective, check, f"{where}.rank") if "rank" in level else None
+        levels.append(Level(name=name, overrides=dict(overrides), rank=rank))
     correlation = value.get("correlationWarning", 0.5)
     if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not -1 <= correlation <= 1:
         check.fail(f"{path}.correlationWarning", f"must be a number in [-1, 1], got {correlation!r}")
@@ -578,11 +612,51 @@ def _parse_fidelity(value: Any, check: _Checker, path: str = "spec.fidelity") ->
         resume_from_checkpoint=resume is True,
         correlation_warning=float(correlation),
         checkpoint_volume=volume,
+        brackets=check.integer(value.get("brackets"), f"{path}.brackets", default=1, minimum=1, maximum=MAX_LEVELS) or 1,
     )
     if levels and fidelity.initial_trials < fidelity.reduction_factor ** (len(levels) - 1):
         check.fail(f"{path}.initialTrials", f"must be >= reductionFactor^(levels-1) = "
                    f"{fidelity.reduction_factor ** (len(levels) - 1)}, so the top level gets a configuration")
+    if len(raw_levels) >= 2 and fidelity.brackets > len(raw_levels):
+        check.fail(f"{path}.brackets", f"must be <= the number of levels ({len(raw_levels)}): bracket b starts at level b, "
+                   f"got {fidelity.brackets}")
+    if fidelity.brackets > len(levels):
+        fidelity = replace(fidelity, brackets=max(1, len(levels)))  # a rejected spec still yields a ladder its checks can size
     return fidelity
+
+
+def _parse_rank(value: Any, objective: Objective, check: _Checker, path: str) -> Rank | None:
+    """A level's rank: {metric, direction, tieBreak: {metric, direction}}; the metrics are RANK_METRICS or the objective's."""
+    value = check.mapping(value, path)
+    check.unknown_keys(value, path, {"metric", "direction", "tieBreak"})
+    metric = _rank_metric(value.get("metric"), objective, check, f"{path}.metric")
+    direction = check.choice(value.get("direction"), f"{path}.direction", DIRECTIONS,
+                             objective.direction if metric == objective.metric else "minimize")
+    tie_break, tie_direction = None, "minimize"
+    if "tieBreak" in value:
+        tie = check.mapping(value["tieBreak"], f"{path}.tieBreak")
+        check.unknown_keys(tie, f"{path}.tieBreak", {"metric", "direction"})
+        tie_break = _rank_metric(tie.get("metric"), objective, check, f"{path}.tieBreak.metric")
+        tie_direction = check.choice(tie.get("direction"), f"{path}.tieBreak.direction", DIRECTIONS,
+                                     objective.direction if tie_break == objective.metric else "minimize")
+        if tie_break is not None and tie_break == metric:
+            check.fail(f"{path}.tieBreak.metric", f"must differ from rank.metric ({metric!r}): the tie-break orders the "
+                       "configurations whose rank.metric is equal")
+    if metric is None:
+        return None
+    return Rank(metric=metric, direction=direction, tie_break=tie_break, tie_break_direction=tie_direction)
+
+
+def _rank_metric(metric: Any, objective: Objective, check: _Checker, path: str) -> str | None:
+    known = dict.fromkeys((*RANK_METRICS, objective.metric))
+    if not isinstance(metric, str) or not metric:
+        check.fail(path, f"is required: a metric name, one of {', '.join(known)}, got {metric!r}")
+        return None
+    if metric not in known:
+        check.fail(path, f"unknown rank metric {metric!r}; expected one of: {', '.join(RANK_METRICS)} "
+                   f"(what the trainers report every epoch) or the objective's metric ({objective.metric!r})")
+        return None
+    return metric
 
 
 def _parse_objective(value: dict, check: _Checker) -> Objective:

@@ -288,6 +288,44 @@ INVALID = [
             "spec.fidelity.levels[1].overrides.train-hours", "must be a parameter name", operator_only=NOT_A_MAP_KEY),
     Invalid("too many overrides", ladder([LOW, {"name": "high", "overrides": {f"o{i}": 1 for i in range(65)}}]),
             "spec.fidelity.levels[1].overrides", "at most 64"),
+    # a level's rank metric and its tie-break (the objective here is wer)
+    Invalid("unknown rank metric", ladder([dict(LOW, rank={"metric": "val_los"}), HIGH]), "spec.fidelity.levels[0].rank.metric",
+            "unknown rank metric 'val_los'", api_field="spec.fidelity.levels", api_words="must be wer, cer, val_loss or the objective's metric"),
+    Invalid("rank metric an unreported metric", ladder([dict(LOW, rank={"metric": "epoch_seconds"}), HIGH]),
+            "spec.fidelity.levels[0].rank.metric", "unknown rank metric 'epoch_seconds'", api_field="spec.fidelity.levels",
+            api_words="must be wer, cer, val_loss or the objective's metric"),
+    Invalid("empty rank metric", ladder([dict(LOW, rank={"metric": ""}), HIGH]), "spec.fidelity.levels[0].rank.metric", "is required",
+            api_words="should match"),
+    Invalid("unknown tie-break metric", ladder([dict(LOW, rank={"metric": "val_loss", "tieBreak": {"metric": "loss"}}), HIGH]),
+            "spec.fidelity.levels[0].rank.tieBreak.metric", "unknown rank metric 'loss'", api_field="spec.fidelity.levels",
+            api_words="must be wer, cer, val_loss or the objective's metric"),
+    Invalid("tie-break equal to the rank metric", ladder([LOW, dict(HIGH, rank={"metric": "cer", "tieBreak": {"metric": "cer"}})]),
+            "spec.fidelity.levels[1].rank.tieBreak.metric", "must differ from rank.metric ('cer')", api_words="must differ from rank.metric"),
+    Invalid("unknown rank direction", ladder([dict(LOW, rank={"metric": "cer", "direction": "down"}), HIGH]),
+            "spec.fidelity.levels[0].rank.direction", "unknown value 'down'", api_words="Unsupported value"),
+    Invalid("unknown rank field", ladder([dict(LOW, rank={"metric": "cer", "secondary": "wer"}), HIGH]),
+            "spec.fidelity.levels[0].rank.secondary", "unknown field"),
+    Invalid("stage ladder with an unknown rank metric",
+            staged({"name": "coarse", "kind": "search", "pruner": {"type": "none"},
+                    "fidelity": {"levels": [dict(LOW, rank={"metric": "bleu"}), HIGH], "reductionFactor": 2, "initialTrials": 4}}),
+            "spec.stages[1].fidelity.levels[0].rank.metric", "unknown rank metric 'bleu'", api_field="spec.stages",
+            api_words="must be wer, cer, val_loss or the objective's metric"),
+    Invalid("stage ladder tie-break equal to the rank metric",
+            staged({"name": "coarse", "kind": "search", "pruner": {"type": "none"}, "fidelity": {
+                "levels": [dict(LOW, rank={"metric": "val_loss", "tieBreak": {"metric": "val_loss"}}), HIGH],
+                "reductionFactor": 2, "initialTrials": 4}}),
+            "spec.stages[1].fidelity.levels[0].rank.tieBreak.metric", "must differ from rank.metric"),
+    Invalid("rank metric of another objective", changes(put("spec.objective", {"metric": "mcd"}),
+                                                        ladder([dict(LOW, rank={"metric": "wer", "tieBreak": {"metric": "bleu"}}), HIGH])),
+            "spec.fidelity.levels[0].rank.tieBreak.metric", "or the objective's metric ('mcd')", api_field="spec.fidelity.levels",
+            api_words="must be wer, cer, val_loss or the objective's metric"),
+    # Hyperband brackets
+    Invalid("more brackets than levels", ladder(brackets=3), "spec.fidelity.brackets", "must be <= the number of levels (2)"),
+    Invalid("zero brackets", ladder(brackets=0), "spec.fidelity.brackets", "must be >= 1", api_words="greater than or equal to 1"),
+    Invalid("stage ladder with more brackets than levels",
+            staged({"name": "coarse", "kind": "search", "pruner": {"type": "none"},
+                    "fidelity": {"levels": [LOW, HIGH], "reductionFactor": 2, "initialTrials": 4, "brackets": 4}}),
+            "spec.stages[1].fidelity.brackets", "must be <= the number of levels"),
     Invalid("seven levels", ladder([{"name": f"l{i}"} for i in range(7)], initialTrials=64), "spec.fidelity.levels", "2 to 6 levels",
             api_words="must have at most 6 items"),
     Invalid("ladder reduction factor above 64", ladder(reductionFactor=65, initialTrials=65), "spec.fidelity.reductionFactor",
@@ -348,6 +386,20 @@ INVALID = [
             "spec.searchSpace[0].int.low", "must be a finite number", api_words="Required value"),
     Invalid("float range without high (float rules preconditions)", space({"name": "x", "float": {"low": 0.1, "step": 0.1}}),
             "spec.searchSpace[0].float.high", "must be a finite number", api_words="Required value"),
+    Invalid("rank without a metric (rank rules preconditions)", ladder([dict(LOW, rank={"tieBreak": {"metric": "cer"}}), HIGH]),
+            "spec.fidelity.levels[0].rank.metric", "is required", api_words="Required value"),
+    Invalid("tie-break without a metric (rank rules preconditions)",
+            ladder([dict(LOW, rank={"metric": "cer", "tieBreak": {"direction": "minimize"}}), HIGH]),
+            "spec.fidelity.levels[0].rank.tieBreak.metric", "is required", api_words="Required value"),
+    Invalid("brackets without levels (brackets rule preconditions)",
+            changes(put("spec.pruner", {"type": "none"}), put("spec.fidelity", {"brackets": 2})),
+            "spec.fidelity.levels", "2 to 6 levels", api_words="Required value"),
+    Invalid("stage rank metric without an objective metric (rank metric rule preconditions)",
+            changes(put("spec.objective", {"direction": "maximize"}),
+                    staged({"name": "coarse", "kind": "search", "pruner": {"type": "none"}, "fidelity": {
+                        "levels": [dict(LOW, rank={"metric": "accuracy"}), HIGH], "reductionFactor": 2, "initialTrials": 4}})),
+            "spec.stages[1].fidelity.levels[0].rank.metric", "unknown rank metric 'accuracy'", api_field="spec.stages",
+            api_words="must be wer, cer, val_loss or the objective's metric"),
 ]
 
 
@@ -435,3 +487,36 @@ def test_workers_are_cold_unless_the_template_asks_for_warm_ones():
     assert workers == spec.Workers(mode="warm", max_runs_per_worker=5, stop_grace_seconds=2.5, max_rss_mib=4096, max_gpu_mib=1024)
     assert spec.parse_study(template_with({"mode": "warm"})).trial_template.workers == spec.Workers(
         mode="warm", max_runs_per_worker=20, stop_grace_seconds=10.0, max_rss_mib=None, max_gpu_mib=None)
+
+
+def test_a_level_ranks_by_the_objective_unless_it_declares_a_rank():
+    study = spec.parse_study(manifest(pruner={"type": "none"}, fidelity={"levels": [
+        dict(LOW, rank={"metric": "val_loss", "tieBreak": {"metric": "cer"}}),
+        {"name": "mid", "overrides": {"epochs": 3}, "rank": {"metric": "wer"}}, HIGH], "reductionFactor": 2, "initialTrials": 4}))
+    low, mid, high = study.fidelity.levels
+    assert low.rank == spec.Rank(metric="val_loss", direction="minimize", tie_break="cer", tie_break_direction="minimize")
+    assert mid.rank == spec.Rank(metric="wer", direction="minimize") and high.rank is None
+
+
+def test_a_rank_by_the_objective_takes_its_direction_and_any_objective_metric_may_rank():
+    study = spec.parse_study(manifest(objective={"metric": "accuracy", "direction": "maximize"}, pruner={"type": "none"}, fidelity={
+        "levels": [dict(LOW, rank={"metric": "val_loss", "tieBreak": {"metric": "accuracy"}}), dict(HIGH, rank={"metric": "accuracy"})],
+        "reductionFactor": 2, "initialTrials": 4}))
+    low, high = study.fidelity.levels
+    assert (low.rank.direction, low.rank.tie_break, low.rank.tie_break_direction) == ("minimize", "accuracy", "maximize")
+    assert (high.rank.metric, high.rank.direction) == ("accuracy", "maximize")
+
+
+def test_brackets_start_hyperband_sized_rungs_at_each_level():
+    def sizes(levels, eta, initial, brackets):
+        fidelity = spec.parse_study(manifest(pruner={"type": "none"}, fidelity={
+            "levels": [{"name": f"l{i}", "overrides": {"epochs": i + 1}} for i in range(levels)],
+            "reductionFactor": eta, "initialTrials": initial, "brackets": brackets})).fidelity
+        return fidelity.bracket_sizes(), fidelity.configurations()
+
+    assert sizes(3, 4, 64, 1) == ([[64, 16, 4]], 64)
+    assert sizes(3, 4, 64, 3) == ([[64, 16, 4], [0, 24, 6], [0, 0, 12]], 100)  # Hyperband's n_s for s_max = 2, eta 4
+    assert sizes(4, 3, 27, 4) == ([[27, 9, 3, 1], [0, 12, 4, 1], [0, 0, 6, 2], [0, 0, 0, 4]], 49)  # Li et al.'s table for R = 27
+    staged_study = spec.parse_study(manifest(pruner={"type": "none"}, stages=[{"name": "ladder", "kind": "search", "fidelity": {
+        "levels": [LOW, HIGH], "reductionFactor": 2, "initialTrials": 4, "brackets": 2}}]))
+    assert staged_study.max_trials == 4 + 4  # a stage's budget counts every bracket's configurations

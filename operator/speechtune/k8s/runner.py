@@ -450,7 +450,8 @@ class StudyRunner:
         scheduler = _ladder(engine.scheduler)
         if scheduler is not None:
             names = tuple(level.name for level in scheduler.fidelity.levels)
-            extra["fidelity"] = status.fidelity_status(scheduler.rungs(), attrs.get(record.CORRELATIONS, {}), names)
+            extra["fidelity"] = status.fidelity_status(scheduler.rungs(), attrs.get(record.CORRELATIONS, {}), names,
+                                                       scheduler.bracket_status())
             extra_conditions.append(status.proxy_condition(extra["fidelity"]["correlations"],
                                                            scheduler.fidelity.correlation_warning, generation))
         validation = status.validation_status(attrs.get(record.VALIDATION))

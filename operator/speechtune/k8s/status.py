@@ -86,15 +86,23 @@ def best_trial(trial: FrozenTrial | None) -> dict[str, Any] | None:
     return {"number": trial.number, "value": trial.value, "params": dict(trial.params)}
 
 
-def fidelity_status(rungs: list[dict[str, Any]], correlations: dict[str, dict[str, Any]], level_names: tuple[str, ...]) -> dict[str, Any]:
-    """status.fidelity: each level's progress, and the proxy rank correlation of each pair of adjacent levels measured so far."""
+def fidelity_status(rungs: list[dict[str, Any]], correlations: dict[str, dict[str, Any]], level_names: tuple[str, ...],
+                    brackets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """status.fidelity: each level's progress and rank metric, the proxy rank correlation of each pair of adjacent levels
+    measured so far (between their rank metrics), and with several Hyperband brackets, each bracket."""
     measured = []
+    ranks = {rung["name"]: rung["rank"]["metric"] for rung in rungs if "rank" in rung}
     for low, high in zip(level_names, level_names[1:]):
         found = correlations.get(f"{low}->{high}")
         if found is not None:
-            measured.append({"fromLevel": low, "toLevel": high, "rho": found["rho"], "pairs": found["pairs"],
-                             "unreliable": found["unreliable"]})
-    return {"levels": rungs, "correlations": measured}
+            entry = {"fromLevel": low, "toLevel": high, "rho": found["rho"], "pairs": found["pairs"], "unreliable": found["unreliable"]}
+            if low in ranks and high in ranks:
+                entry.update(fromMetric=ranks[low], toMetric=ranks[high])
+            measured.append(entry)
+    found_status: dict[str, Any] = {"levels": rungs, "correlations": measured}
+    if brackets is not None and len(brackets) > 1:
+        found_status["brackets"] = brackets
+    return found_status
 
 
 def proxy_condition(correlations: list[dict[str, Any]], warning: float, generation: int | None) -> dict[str, Any]:

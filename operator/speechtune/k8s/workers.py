@@ -140,8 +140,10 @@ class WorkerRun:
                 try:
                     await asyncio.wait_for(self._over.wait(), self.worker.backend.settings.stop_grace_seconds)
                 except asyncio.TimeoutError:
-                    await self.worker.kill(f"{self.id} did not stop within stopGraceSeconds="
-                                           f"{self.worker.backend.settings.stop_grace_seconds:g}, so its worker pod was deleted")
+                    why = (f"{self.id} did not stop within stopGraceSeconds={self.worker.backend.settings.stop_grace_seconds:g}, "
+                           "so its worker pod was deleted")
+                    self.finish(Exit(False, 137, "Killed", why))
+                    await self.worker.kill(why)
         if self.cold is not None:
             await self.cold.stop()
 
@@ -167,7 +169,9 @@ class PodWorker:
         self.retiring = ""  # why, once it is to take no more runs
         self.killed = ""
         self.gone = False
-        self.idle_since: float | None = None  # counting only once its pod runs
+        self.idle_since: float | None = None  # when its pod last became idle (None: busy, or not running yet)
+        self.idle_counted = 0.0  # up to when its idle time is in speechtune_worker_idle_seconds
+        self.warned = False  # about an ignored line, for its current run
         self.changed = asyncio.Event()
         self.follower: asyncio.Task | None = None
 
@@ -209,7 +213,7 @@ class PodWorker:
         """The run ends without having started: stopped before its worker got it."""
         if self.run is run:
             self.run = None
-            self.idle_since = time.monotonic()
+            self.idle()
         run.finish(STOPPED)
         self.changed.set()
 
@@ -241,13 +245,16 @@ class PodWorker:
         end = end if isinstance(end, dict) else {}
         self.run = None
         self.runs += 1
-        self.idle_since = time.monotonic()
+        self.idle()
         run.finish(exit_of(end))
         why = worn_out(self.backend.settings, self.runs, self.rss_mib, end)
         if why:
             self.retire(why)
         self.changed.set()
         self.backend.wake()
+
+    def idle(self) -> None:
+        self.idle_since = self.idle_counted = time.monotonic()
 
     def retire(self, why: str) -> None:
         if not self.retiring:
@@ -340,16 +347,17 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
             self._found.pop(key)
             self._spawn(found.stop(), f"stop-unclaimed-{found.id}")
         key = (launch.number, launch.attempt)
-        if key in self._runs and not self._runs[key].over:
+        self._runs = {k: run for k, run in self._runs.items() if not run.over}
+        if key in self._runs:
             return self._runs[key]
         worker = next((w for w in self.workers.values() if not w.busy and not w.retiring and not w.gone), None) \
             or self._new_worker()
         worker.seq += 1
         assignment = Assignment(f"{launch.run_name}@{worker.name}#{worker.seq}", launch.number, launch.attempt, worker.seq,
                                 list(launch.argv[len(launch.template.command):]), dict(launch.env))
-        run = self._runs[key] = worker.run = WorkerRun(assignment, worker, launch)
         self.count_idle(worker)
-        worker.idle_since = None
+        worker.idle_since, worker.warned = None, False
+        run = self._runs[key] = worker.run = WorkerRun(assignment, worker, launch)
         run.created = asyncio.create_task(self._assign(worker, run), name=f"assign-{run.id}")
         return run
 
@@ -435,13 +443,16 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
         if worker.idle_since is None or worker.busy:
             return
         now = time.monotonic()
-        idle, worker.idle_since = now - worker.idle_since, now
+        idle, worker.idle_counted = now - worker.idle_counted, now
         metrics.WORKER_IDLE_SECONDS.labels(**self.labels).inc(idle)
         metrics.WORKER_IDLE_GPU_SECONDS.labels(**self.labels).inc(idle * self.gpus)
 
     def ignore(self, worker: PodWorker, run: WorkerRun | None, run_id: object) -> None:
         metrics.WORKER_IGNORED_LINES.labels(**self.labels).inc()
-        log.warning("%s/%s: worker %s printed a line for run %r while given %s; ignored",
+        if worker.warned:
+            return
+        worker.warned = True
+        log.warning("%s/%s: worker %s printed a line for run %r while given %s; ignored (and any more, counted)",
                     self.namespace, self.study.name, worker.name, run_id, run.id if run else "no run")
 
     def wake(self) -> None:
@@ -474,7 +485,7 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
     def _refresh(self, worker: PodWorker) -> None:
         if worker.follower is None and worker.pod is not None and exits.started(worker.pod):
             if worker.idle_since is None and not worker.busy:
-                worker.idle_since = time.monotonic()
+                worker.idle()
             worker.follower = self._spawn(self._follow(worker), f"log-{worker.name}")
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task:

@@ -11,6 +11,15 @@ PRUNED, so the sampler learns from them; those that finish the top level are COM
 * asynchronous (ASHA): a configuration is promoted as soon as it ranks in the top 1/eta
   of the results its level has so far, while the next level has room.
 
+Each level ranks configurations by its ``rank`` (default: the study's objective), e.g. ``val_loss``
+at a proxy where WER has not moved yet, then by the rank's ``tieBreak`` metric, then by which run
+finished first (never by trial number; that is left only for runs recorded without a finish time).
+The proxy-correlation check compares each level's ranking with the next level's.
+
+With ``brackets: N`` the ladder runs the N most aggressive Hyperband brackets: bracket b starts
+its configurations at level b (``Fidelity.bracket_sizes``) and halves them from there; each
+configuration carries its bracket (user attr ``bracket``) and promotions stay within it.
+
 Parallelism is independent of rung sizes: promotions queue. The level a configuration is
 assigned to is stored with it (user attr ``level``) before it runs, so after a crash the
 ladder re-runs only levels that had not finished, never a finished one. The best
@@ -32,12 +41,13 @@ from speechtune import metrics, record
 from speechtune.executor import Event
 from speechtune.schedulers import Run, Scheduler
 from speechtune.schedulers.checkpoints import Checkpoints
-from speechtune.spec import Fidelity
+from speechtune.spec import Fidelity, Rank
 
 if TYPE_CHECKING:
     from speechtune.executor import Executor, RunResult, TrialFailed
 
 LEVEL = record.LEVEL
+BRACKET = record.BRACKET
 EPOCHS_KEYS = {"epochs", "max_epochs"}
 MIN_PAIRS = 5  # fewer configurations that ran both levels say too little to call a proxy unreliable
 
@@ -90,8 +100,11 @@ class Ladder(Scheduler):
         self.sampler = sampler
         self.distributions = distributions
         self.checkpoints = checkpoints
-        self.sizes = fidelity.rung_sizes()
+        self.brackets = fidelity.bracket_sizes()  # each bracket's configurations per level (0 below its start)
+        self.sizes = [sum(column) for column in zip(*self.brackets)]  # per level, all brackets
         self.top = len(self.sizes) - 1
+        objective = executor.spec.objective
+        self.ranks = [level.rank or Rank(objective.metric, objective.direction) for level in fidelity.levels]
         labels = executor.labels
         # Each level's series at 0 from the start: rate() ignores the value a series first appears with.
         for index, level in enumerate(fidelity.levels):
@@ -104,21 +117,31 @@ class Ladder(Scheduler):
         self.study.pruner = optuna.pruners.NopPruner()
 
     def total_trials(self) -> int:
-        return self.sizes[0]
+        return sum(sizes[bracket] for bracket, sizes in enumerate(self.brackets))
 
     def rungs(self) -> list[dict[str, Any]]:
-        """Each level's progress: configurations it takes, assigned to it, running it now, done with it."""
+        """Each level's progress: configurations it takes, assigned to it, running it now, done with it; and what it ranks by."""
         configs = self._configs()
         return [
             {"name": level.name, "size": size, "assigned": self._launched(index, configs),
              "running": sum(1 for t in configs if t.user_attrs[LEVEL] == index and self.executor.is_running(t.number)),
-             "finished": sum(1 for t in configs if index in t.intermediate_values)}
+             "finished": sum(1 for t in configs if index in t.intermediate_values), "rank": describe_rank(self.ranks[index])}
             for index, (level, size) in enumerate(zip(self.fidelity.levels, self.sizes))
         ]
+
+    def bracket_status(self) -> list[dict[str, Any]]:
+        """Each bracket: the level it starts at, its configurations per level from there, and how many it has sampled."""
+        configs = self._configs()
+        return [{"bracket": bracket, "startLevel": self.fidelity.levels[bracket].name, "sizes": sizes[bracket:],
+                 "sampled": len(self._in_bracket(bracket, configs))} for bracket, sizes in enumerate(self.brackets)]
 
     # -- state, derived from storage each time ------------------------------
     def _configs(self) -> list[FrozenTrial]:
         return [t for t in self.trials() if LEVEL in t.user_attrs]
+
+    @staticmethod
+    def _in_bracket(bracket: int, configs: list[FrozenTrial]) -> list[FrozenTrial]:
+        return [t for t in configs if record.bracket(t) == bracket]
 
     def _launched(self, level: int, configs: list[FrozenTrial]) -> int:
         return sum(1 for t in configs if t.user_attrs[LEVEL] >= level)
@@ -130,41 +153,64 @@ class Ladder(Scheduler):
             if t.state == TrialState.RUNNING and t.user_attrs[LEVEL] not in t.intermediate_values and not self.executor.is_running(t.number)
         ]
 
-    def _rung_done(self, level: int, configs: list[FrozenTrial]) -> bool:
-        """No run at ``level`` is going on or still to come."""
-        if level == 0:
-            full = len(configs) >= self.sizes[0]
+    def _rung_done(self, level: int, configs: list[FrozenTrial], bracket: int = 0) -> bool:
+        """No run at ``level`` is going on or still to come (``configs``: the bracket's)."""
+        if level == bracket:
+            full = len(configs) >= self.brackets[bracket][level]
         else:
             full = self._launched(level, configs) > 0 if self.fidelity.mode == "synchronous" else (
-                self._launched(level, configs) >= self.sizes[level] or self._rung_done(level - 1, configs))
+                self._launched(level, configs) >= self.brackets[bracket][level] or self._rung_done(level - 1, configs, bracket))
         busy = any(t.user_attrs[LEVEL] == level and self.executor.is_running(t.number) for t in configs)
         return full and not busy and not any(t.user_attrs[LEVEL] == level for t in self._pending(configs))
 
     def _results(self, level: int, configs: list[FrozenTrial]) -> list[FrozenTrial]:
-        """Configurations with a value at ``level``, best first."""
+        """Configurations with a value at ``level``, best first: by the level's rank metric, its tie-break metric,
+        then the run that finished first (trial number only for runs recorded without a finish time)."""
         done = [t for t in configs if level in t.intermediate_values and t.state != TrialState.FAIL]
-        sign = -1 if self.executor.spec.objective.direction == "maximize" else 1
-        return sorted(done, key=lambda t: (sign * t.intermediate_values[level], t.number))
+        finished = record.level_finished_key(self.fidelity.levels[level].name)
+        return sorted(done, key=lambda t: (*self._rank_key(t, level), t.user_attrs.get(finished, math.inf), t.number))
+
+    def _rank_key(self, trial: FrozenTrial, level: int) -> tuple[float, ...]:
+        """A configuration's place at ``level``, lower is better: its rank metric, then its tie-break metric, each signed."""
+        rank = self.ranks[level]
+        key = [self._signed(trial, level, rank.metric, rank.direction)]
+        if rank.tie_break is not None:
+            key.append(self._signed(trial, level, rank.tie_break, rank.tie_break_direction))
+        return tuple(key)
+
+    def _signed(self, trial: FrozenTrial, level: int, metric: str, direction: str) -> float:
+        value = self._metric(trial, level, metric)
+        if value is None:
+            return math.inf  # not reported (a run recorded before the metric was required): last
+        return -value if direction == "maximize" else value
+
+    def _metric(self, trial: FrozenTrial, level: int, metric: str) -> float | None:
+        if metric == self.executor.objective:
+            return trial.intermediate_values[level]
+        value = trial.user_attrs.get(record.level_metrics_key(self.fidelity.levels[level].name), {}).get(metric)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
     # -- decisions ------------------------------------------------------------
     def _promotions(self, configs: list[FrozenTrial]) -> list[tuple[FrozenTrial, int]]:
-        """Configurations to move up now, deepest level first."""
+        """Configurations to move up now, deepest level first, each within its bracket."""
         chosen: list[tuple[FrozenTrial, int]] = []
-        for level in range(self.top - 1, -1, -1):
-            room = self.sizes[level + 1] - self._launched(level + 1, configs)
-            if room <= 0:
-                continue
-            results = self._results(level, configs)
-            waiting = [t for t in results if t.user_attrs[LEVEL] == level and t.state == TrialState.RUNNING]
-            if self.fidelity.mode == "synchronous":
-                if self._launched(level + 1, configs) == 0 and self._rung_done(level, configs):
-                    chosen += [(t, level + 1) for t in waiting[:room]]
-            else:
-                allowed = len(results) // self.fidelity.reduction_factor
-                if self._rung_done(level, configs):  # no more results will come: fill the next level
-                    allowed = sum(1 for t in results if t.user_attrs[LEVEL] > level) + room
-                top_numbers = {t.number for t in results[:allowed]}
-                chosen += [(t, level + 1) for t in waiting if t.number in top_numbers][:room]
+        for bracket, sizes in enumerate(self.brackets):
+            members = self._in_bracket(bracket, configs)
+            for level in range(self.top - 1, bracket - 1, -1):
+                room = sizes[level + 1] - self._launched(level + 1, members)
+                if room <= 0:
+                    continue
+                results = self._results(level, members)
+                waiting = [t for t in results if t.user_attrs[LEVEL] == level and t.state == TrialState.RUNNING]
+                if self.fidelity.mode == "synchronous":
+                    if self._launched(level + 1, members) == 0 and self._rung_done(level, members, bracket):
+                        chosen += [(t, level + 1) for t in waiting[:room]]
+                else:
+                    allowed = len(results) // self.fidelity.reduction_factor
+                    if self._rung_done(level, members, bracket):  # no more results will come: fill the next level
+                        allowed = sum(1 for t in results if t.user_attrs[LEVEL] > level) + room
+                    top_numbers = {t.number for t in results[:allowed]}
+                    chosen += [(t, level + 1) for t in waiting if t.number in top_numbers][:room]
         return chosen
 
     def _settle(self, configs: list[FrozenTrial], final: bool = False) -> None:
@@ -174,13 +220,15 @@ class Ladder(Scheduler):
             level = trial.user_attrs[LEVEL]
             if trial.state != TrialState.RUNNING or level not in trial.intermediate_values or self.executor.is_running(trial.number):
                 continue
+            bracket = record.bracket(trial)
+            members = self._in_bracket(bracket, configs)
             value = trial.intermediate_values[level]
             started = trial.datetime_start.timestamp()
             if level == self.top:
                 attrs = self.checkpoints.attrs(trial.number, self._checkpoint_folder(trial.number, level))
                 self.executor.complete(trial.number, value, f"{objective}={value:.4g} at {self.fidelity.levels[level].name}", started, attrs)
-            elif final or self._launched(level + 1, configs) >= self.sizes[level + 1] or (
-                self.fidelity.mode == "synchronous" and self._launched(level + 1, configs) > 0
+            elif final or self._launched(level + 1, members) >= self.brackets[bracket][level + 1] or (
+                self.fidelity.mode == "synchronous" and self._launched(level + 1, members) > 0
             ):
                 self.executor.prune(trial.number, f"stopped after level {self.fidelity.levels[level].name}", value, started)
 
@@ -198,16 +246,20 @@ class Ladder(Scheduler):
         if pending:
             frozen = max(pending, key=lambda t: (t.user_attrs[LEVEL], -t.number))
             return self._level_run(optuna.Trial(self.study, frozen._trial_id), frozen.user_attrs[LEVEL])
-        if len(configs) < self.sizes[0]:
+        # New configurations: bracket 0's first, then bracket 1's (which start one level up), and so on.
+        bracket = next((b for b, sizes in enumerate(self.brackets) if len(self._in_bracket(b, configs)) < sizes[b]), None)
+        if bracket is not None:
             began = time.perf_counter()
             with self.executor.storage.batch():
                 trial = self.study.ask(self.distributions)
-                trial.set_user_attr(LEVEL, 0)
+                trial.set_user_attr(LEVEL, bracket)
+                if bracket:
+                    trial.set_user_attr(BRACKET, bracket)
                 trial.set_user_attr(record.LAUNCHED_AT, time.time())
                 if self.stage is not None:
                     trial.set_user_attr(record.STAGE, self.stage)
             metrics.SUGGEST_SECONDS.labels(**self.executor.labels).observe(time.perf_counter() - began)
-            return self._level_run(trial, 0)
+            return self._level_run(trial, bracket)
         if not self.running():
             self._settle(self._configs(), final=True)
             self.checkpoints.clean(self.executor.trials())
@@ -218,10 +270,11 @@ class Ladder(Scheduler):
             for trial, level in promotions:
                 self.executor.storage.set_trial_user_attr(trial._trial_id, LEVEL, level)
         for trial, level in promotions:
-            name = self.fidelity.levels[level].name
+            name, metric = self.fidelity.levels[level].name, self.ranks[level - 1].metric
+            value = self._metric(trial, level - 1, metric)
             metrics.PROMOTIONS.labels(**self.executor.labels, rung=name).inc()
-            self.executor.notify(Event("promoted", trial.number, f"to {name} ({self.executor.objective} "
-                                       f"{trial.intermediate_values[level - 1]:.4g} at {self.fidelity.levels[level - 1].name})"))
+            self.executor.notify(Event("promoted", trial.number, f"to {name} ({metric} "
+                                       f"{value if value is not None else math.nan:.4g} at {self.fidelity.levels[level - 1].name})"))
 
     def attempt(self, level: int) -> str:
         return f"L{level}-{self.fidelity.levels[level].name}"
@@ -248,13 +301,37 @@ class Ladder(Scheduler):
     def on_result(self, run: Run, result: RunResult) -> None:
         name = self.fidelity.levels[run.level].name
         assert result.value is not None
+        missing = self._missing_rank_metric(run.level, result)
+        if missing is not None:
+            self.on_failure(run, missing)
+            return
         with self.executor.storage.batch():
             run.trial.report(result.value, run.level)
             run.trial.set_user_attr(record.level_metrics_key(name), result.metrics)
+            run.trial.set_user_attr(record.level_finished_key(name), time.time())
         metrics.REPORTED_VALUE.labels(**self.executor.labels, step=name).observe(result.value)
-        self.executor.notify(Event("level-done", run.trial.number, f"{name}: {self.executor.objective}={result.value:.4g}", result.value))
+        rank = self.ranks[run.level]
+        ranked = f" (ranked by {rank.metric}={result.metrics[rank.metric]:.4g})" if rank.metric != self.executor.objective else ""
+        self.executor.notify(Event("level-done", run.trial.number, f"{name}: {self.executor.objective}={result.value:.4g}{ranked}",
+                                   result.value))
         if run.level > 0:
             self._update_correlation(run.level - 1)
+
+    def _missing_rank_metric(self, level: int, result: RunResult) -> TrialFailed | None:
+        """A run whose last protocol line lacks a metric its level ranks by (or has it NaN) cannot be ranked: it fails."""
+        from speechtune.executor import TrialFailed
+
+        rank = self.ranks[level]
+        for metric in filter(None, (rank.metric, rank.tie_break)):
+            if metric == self.executor.objective:
+                continue
+            value = result.metrics.get(metric)
+            if value is None:
+                return TrialFailed("NoMetrics", f"level {self.fidelity.levels[level].name} ranks by {metric}, but the run's last "
+                                   f"protocol line has no {metric} (it has {', '.join(sorted(result.metrics)) or 'nothing'})")
+            if not math.isfinite(value):
+                return TrialFailed("NaN", f"rank metric {metric} is {value} at level {self.fidelity.levels[level].name}")
+        return None
 
     def failure_message(self, run: Run, failure: TrialFailed) -> str:
         return f"at level {self.fidelity.levels[run.level].name}: {failure}"
@@ -273,8 +350,10 @@ class Ladder(Scheduler):
 
     # -- proxy correlation -------------------------------------------------------------
     def _update_correlation(self, lower: int) -> None:
-        pairs = [t for t in self._configs() if lower in t.intermediate_values and lower + 1 in t.intermediate_values]
-        proxy, target = [t.intermediate_values[lower] for t in pairs], [t.intermediate_values[lower + 1] for t in pairs]
+        pairs = [t for t in self._configs() if lower in t.intermediate_values and lower + 1 in t.intermediate_values
+                 and t.state != TrialState.FAIL]
+        # each level's ranking (its rank metric, then its tie-break), signed so that lower is better at both
+        proxy, target = [self._rank_key(t, lower) for t in pairs], [self._rank_key(t, lower + 1) for t in pairs]
         rho = spearman(proxy, target)
         if math.isnan(rho) and len(pairs) >= 2 and len(set(proxy)) == 1 < len(set(target)):
             rho = 0.0  # a proxy that scores every configuration alike ranks nothing
@@ -288,6 +367,15 @@ class Ladder(Scheduler):
         correlations[f"{low}->{high}"] = {"rho": round(rho, 4), "pairs": len(pairs), "unreliable": unreliable}
         self.study.set_user_attr(record.CORRELATIONS, correlations)
         if unreliable and not was_unreliable:  # once per pair of levels, not after every run
-            self.executor.notify(Event("proxy-unreliable", None, f"Spearman rho {rho:.2f} between {low} and {high} over {len(pairs)} "
-                                       f"configurations is below correlationWarning {self.fidelity.correlation_warning}: "
-                                       f"the {low} proxy does not rank configurations like {high}"))
+            low_by, high_by = self.ranks[lower].metric, self.ranks[lower + 1].metric
+            self.executor.notify(Event("proxy-unreliable", None, f"Spearman rho {rho:.2f} between {low} (by {low_by}) and {high} "
+                                       f"(by {high_by}) over {len(pairs)} configurations is below correlationWarning "
+                                       f"{self.fidelity.correlation_warning}: the {low} proxy does not rank configurations like {high}"))
+
+
+def describe_rank(rank: Rank) -> dict[str, Any]:
+    """A level's rank as status shows it: {metric, direction[, tieBreak: {metric, direction}]}."""
+    described: dict[str, Any] = {"metric": rank.metric, "direction": rank.direction}
+    if rank.tie_break is not None:
+        described["tieBreak"] = {"metric": rank.tie_break, "direction": rank.tie_break_direction}
+    return described

@@ -6,6 +6,10 @@ The kill comes 0.3 s after the operator wrote a Trial's status while trials prin
 operator has values it has not written yet, so its next write meets the dead API server. The trainers hold
 at their end until the API server is back, so no pod ends during the outage (an older node agent of a
 shared test cluster could lose that end: issue 14, item 6); what the outage tests here is the operator.
+
+What follows the two trials is not waited for: after an API server restart the Job controller and the
+scheduler back off for tens of seconds (client-go's watch backoff) before a new Job gets its pod, which is
+the control plane's time, not the operator's; the fixture's teardown waits for that (plugin.wait_whole).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pytest
 from kubernetes import client, config, watch
 
 from tests.speechtune.k8s.helpers import (
-    delete_studies, free_port, get_json, healthy, small_study, start_operator, stop_operator, wait_for_study_end, wait_until,
+    delete_studies, free_port, get_json, healthy, small_study, start_operator, stop_operator, study_status, wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -49,12 +53,16 @@ def wait_for_a_status_write(cluster, namespace: str, min_step: int, timeout: flo
     raise AssertionError(f"no Trial status with lastStep >= {min_step} within {timeout:.0f} s")
 
 
+def trial_status(cluster, namespace: str, name: str) -> dict:
+    return get_json(cluster, "speechtuningtrial", name, "-n", namespace).get("status") or {}
+
+
 def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres_url, apiserver_outage, tmp_path):
     cluster = crds
     hold = tmp_path / "hold"
     hold.touch()
     body = small_study("outage", ["--epochs", str(EPOCHS), "--sleep", "0.1"], command=("python", "-c", HOLDING_TRAINER),
-                       maxTrials=4, parallelism=2, maxFailedTrials=4)
+                       maxTrials=3, parallelism=2, maxFailedTrials=3)
     body["spec"]["trialTemplate"]["env"] = [{"name": "HOLD", "value": str(hold)}]
     cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
     log_path = tmp_path / "operator.log"
@@ -71,11 +79,12 @@ def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres
         wait_until(lambda: any(step > before.get(name, 0) for name, step in last_steps(cluster, kube_namespace).items()),
                    timeout=60, what="a Trial status written after the API server's return", interval=0.2)
         resumed = time.monotonic() - outage.back
-        wait_until(lambda: {"outage-2", "outage-3"} & {job["metadata"]["name"] for job in
-                                                        get_json(cluster, "jobs", "-n", kube_namespace)["items"]},
-                   timeout=60, what="a new trial's Job after the API server's return", interval=0.2)
+        wait_until(lambda: "outage-2" in {job["metadata"]["name"] for job in get_json(cluster, "jobs", "-n", kube_namespace)["items"]},
+                   timeout=60, what="the third trial's Job after the API server's return", interval=0.2)
         new_job = time.monotonic() - outage.back
-        status = wait_for_study_end(cluster, kube_namespace, "outage", timeout=60)
+        status = wait_until(lambda: (found := study_status(cluster, kube_namespace, "outage")).get("trials", {}).get("complete") == 2
+                            and found, timeout=30, what="the two trials that ran through the outage to be complete")
+        trials = [trial_status(cluster, kube_namespace, f"outage-{number}") for number in (0, 1)]
     finally:
         hold.unlink(missing_ok=True)
         delete_studies(cluster, kube_namespace)
@@ -86,6 +95,8 @@ def test_the_study_rides_out_an_apiserver_restart(crds, kube_namespace, postgres
     assert "Daemon 'run_study' failed" not in log, log[-4000:]
     # The outage did reach the study's loop (else this test proves nothing): a write failed, and went through later.
     assert "cannot write status" in log or "resuming once the API server answers" in log, log[-4000:]
-    assert status["state"] == "Succeeded", (status, log[-4000:])
-    assert status["trials"]["complete"] == 4, status
-    assert new_job < 30, f"the study continued only {new_job:.1f} s after the API server's return"
+    # Every value printed, during the outage too, reached the Trials; the study runs on.
+    assert [(trial["state"], trial["lastStep"]) for trial in trials] == [("Complete", EPOCHS)] * 2, trials
+    assert status["state"] == "Running" and status["trials"]["complete"] == 2, status
+    assert resumed < 20, f"the operator wrote status again only {resumed:.1f} s after the API server's return"
+    assert new_job < 30, f"the study's next trial came only {new_job:.1f} s after the API server's return"

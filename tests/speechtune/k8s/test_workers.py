@@ -143,11 +143,15 @@ def test_a_worker_killed_mid_run_fails_its_trial_with_the_reason_and_the_study_g
     body["spec"]["trialTemplate"]["env"] = [{"name": "KILL_MARK", "value": mark}]
     with operator_running(cluster, kube_namespace, postgres_url, monkeypatch, dispatch_env()):
         cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
+        def trainers() -> list[int]:
+            return [pid for pid in marked_processes(mark) if "speechtune.fake_trainer" in command_line(pid)
+                    and "speechtune.podworker" not in command_line(pid)]
+
         wait_until(lambda: study_status(cluster, kube_namespace, "killed").get("trials", {}).get("running"), 60, "a running trial")
-        time.sleep(1.5)  # mid-run
-        trainers = [pid for pid in marked_processes(mark) if "speechtune.podworker" not in command_line(pid)]
-        assert len(trainers) == 1, trainers
-        os.kill(trainers[0], signal.SIGKILL)
+        found = wait_until(trainers, 60, "the worker pod's trainer process")
+        time.sleep(2)  # mid-run: 6 epochs of 0.5 s
+        assert len(found) == 1, found
+        os.kill(found[0], signal.SIGKILL)
         status = wait_for_study_end(cluster, kube_namespace, "killed", timeout=120)
         failed = get_json(cluster, "strial", "killed-0", "-n", kube_namespace)["status"]
     assert status["state"] == "Succeeded", status

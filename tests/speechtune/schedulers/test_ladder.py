@@ -194,3 +194,162 @@ def test_sigkill_mid_ladder_resumes_without_rerunning_a_finished_level(tmp_path)
     assert len(finished_runs) == len(set(finished_runs)), "a finished level ran again"
     assert any(level == 1 for _, level in runs[:started_before]), "the kill landed after a promotion"
     assert any(level == 0 for _, level in finished_before)
+
+
+# -- per-level rank metrics and Hyperband brackets, on an in-process trainer --------------------------------------
+
+class MetricsRun:
+    """A level run whose WER is the same for every configuration (a proxy where WER has not moved yet) while
+    val_loss and cer do move: val_loss with the distance of lr from 3e-4, cer in coarse steps of n_mels."""
+
+    def __init__(self, launch, flat_wer: bool, final_metrics: tuple[str, ...], delay: float = 0.0):
+        self.level, self.delay = launch.rung, delay
+        lr, n_mels = float(launch.params["lr"]), int(launch.params["n_mels"])
+        self.val_loss = round(abs(math.log10(lr) - math.log10(3e-4)), 6)
+        self.cer = 0.1 * (n_mels // 48)  # 40..128 in 2 steps: many ties
+        self.wer = 1.0 if flat_wer and self.level == 0 else round(0.2 + self.val_loss / 10, 6)
+        self.final_metrics = final_metrics
+
+    async def lines(self):
+        metrics = {"wer": self.wer, "cer": self.cer, "val_loss": self.val_loss}
+        await asyncio.sleep(self.delay)
+        yield json.dumps({"speechtune": 1, "step": 1, **metrics}).encode()
+        yield json.dumps({"speechtune": 1, "final": True, **{name: metrics[name] for name in self.final_metrics}}).encode()
+
+    async def wait(self):
+        from speechtune.backend import Exit
+
+        return Exit(succeeded=True, exit_code=0)
+
+    async def stop(self) -> None:
+        pass
+
+
+class MetricsBackend:
+    """In-process level runs (MetricsRun), recording each launch's trial number and level."""
+
+    recovery_grace_seconds = 0.0
+
+    def __init__(self, flat_wer=True, final_metrics=("wer", "cer", "val_loss"), delay=lambda number: 0.0):
+        self.flat_wer, self.final_metrics, self.delay = flat_wer, final_metrics, delay
+        self.launches = []
+
+    async def launch(self, launch):
+        self.launches.append((launch.number, launch.rung))
+        return MetricsRun(launch, self.flat_wer, self.final_metrics, self.delay(launch.number))
+
+    async def attach(self, study, number, attempt=""):
+        return None
+
+
+def run_in_process(tmp_path, manifest, backend):
+    study = spec.parse_study(manifest)
+    events = []
+    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend, notify=events.append)
+    outcome = asyncio.run(engine.run())
+    return engine, outcome, events
+
+
+def ranked_levels(low_rank=None, high_rank=None):
+    return [dict(LEVELS[0], **({"rank": low_rank} if low_rank else {})), dict(LEVELS[2], **({"rank": high_rank} if high_rank else {}))]
+
+
+def promoted(engine):
+    return {t.number for t in engine.trials() if 1 in t.intermediate_values}
+
+
+def best_by(engine, metric, count):
+    """The trial numbers of the ``count`` best level-0 runs by a metric; asserts the cut is not a tie."""
+    values = sorted((t.user_attrs["metrics_low"][metric], t.number) for t in engine.trials())
+    assert values[count - 1][0] < values[count][0], "the test needs a strict cut"
+    return {number for _, number in values[:count]}
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "asynchronous"])
+def test_a_constant_objective_promotes_by_the_levels_rank_metric(tmp_path, mode):
+    manifest = ladder_manifest(tmp_path, name=f"rank-{mode}", initial=16, eta=4, mode=mode, parallelism=4,
+                               levels=ranked_levels({"metric": "val_loss", "direction": "minimize"}))
+    engine, outcome, events = run_in_process(tmp_path, manifest, MetricsBackend())
+    assert outcome.state == "Succeeded", outcome.message
+    assert {t.intermediate_values[0] for t in engine.trials()} == {1.0}, "WER is the same for every configuration at low"
+    assert promoted(engine) == best_by(engine, "val_loss", 4)
+    assert any(e.kind == "promoted" and "val_loss" in e.message for e in events)
+
+
+def test_ties_of_the_rank_metric_are_broken_by_the_tie_break_metric_not_the_trial_number(tmp_path):
+    # cer takes 2 values over 16 configurations: the 4 promoted are the best cer, then the lowest val_loss among them
+    manifest = ladder_manifest(tmp_path, name="tie-break", initial=16, eta=4, parallelism=4, levels=ranked_levels(
+        {"metric": "cer", "tieBreak": {"metric": "val_loss", "direction": "minimize"}}))
+    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend())
+    assert outcome.state == "Succeeded", outcome.message
+    trials = engine.trials()
+    order = sorted(trials, key=lambda t: (t.user_attrs["metrics_low"]["cer"], t.user_attrs["metrics_low"]["val_loss"]))
+    cut = [(t.user_attrs["metrics_low"]["cer"], t.user_attrs["metrics_low"]["val_loss"]) for t in order[3:5]]
+    assert cut[0] < cut[1], "the test needs a strict cut"
+    assert promoted(engine) == {t.number for t in order[:4]}
+    best_cer = min(t.user_attrs["metrics_low"]["cer"] for t in trials)
+    assert sum(t.user_attrs["metrics_low"]["cer"] == best_cer for t in trials) > 4, "cer alone ties at the cut"
+
+
+def test_without_a_tie_break_metric_ties_go_to_the_run_that_finished_first(tmp_path):
+    # every low WER is 1.0; later trials run shorter, so the first to finish are not the first numbers
+    manifest = ladder_manifest(tmp_path, name="first-finished", initial=16, eta=4, parallelism=8, levels=ranked_levels(
+        {"metric": "wer"}))
+    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend(delay=lambda number: 0.05 * (16 - number)))
+    assert outcome.state == "Succeeded", outcome.message
+    by_finish = sorted(engine.trials(), key=lambda t: t.user_attrs["finished_low"])
+    assert {t.number for t in by_finish[:4]} != {0, 1, 2, 3}
+    assert promoted(engine) == {t.number for t in by_finish[:4]}
+
+
+def test_the_proxy_correlation_compares_each_levels_rank_metric(tmp_path):
+    # low ranks by val_loss and high by WER, which follows val_loss at high: the proxy ranks perfectly
+    manifest = ladder_manifest(tmp_path, name="rank-rho", initial=32, eta=2, parallelism=4,
+                               levels=ranked_levels({"metric": "val_loss"}))
+    engine, outcome, events = run_in_process(tmp_path, manifest, MetricsBackend())
+    assert outcome.state == "Succeeded", outcome.message
+    assert engine.study.user_attrs[CORRELATIONS]["low->high"] == {"rho": 1.0, "pairs": 16, "unreliable": False}
+    # by the objective alone the same proxy ranks nothing (every low WER is 1.0)
+    flat, outcome, events = run_in_process(tmp_path, ladder_manifest(tmp_path, name="objective-rho", initial=32, eta=2, parallelism=4,
+                                                                     levels=ranked_levels()), MetricsBackend())
+    assert flat.study.user_attrs[CORRELATIONS]["low->high"] == {"rho": 0.0, "pairs": 16, "unreliable": True}
+    assert any(e.kind == "proxy-unreliable" and "(by wer)" in e.message for e in events)
+
+
+def test_a_run_without_its_levels_rank_metric_fails_naming_it(tmp_path):
+    manifest = ladder_manifest(tmp_path, name="no-val-loss", initial=4, eta=2, parallelism=2,
+                               levels=ranked_levels({"metric": "val_loss"}))
+    manifest["spec"]["maxFailedTrials"] = 10
+    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend(final_metrics=("wer",)))
+    failed = [t for t in engine.trials() if t.state == TrialState.FAIL]
+    assert len(failed) == 4
+    assert failed[0].user_attrs["fail_reason"] == "NoMetrics"
+    assert "level low ranks by val_loss, but the run's last protocol line has no val_loss" in failed[0].user_attrs["fail_message"]
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "asynchronous"])
+def test_hyperband_brackets_start_their_configurations_at_higher_levels(tmp_path, mode):
+    manifest = ladder_manifest(tmp_path, name=f"brackets-{mode}", initial=16, eta=2, mode=mode, parallelism=4)
+    manifest["spec"]["fidelity"]["brackets"] = 3
+    study = spec.parse_study(manifest)
+    assert study.fidelity.bracket_sizes() == [[16, 8, 4], [0, 12, 6], [0, 0, 12]]
+    backend = MetricsBackend(flat_wer=False)
+    engine, outcome, events = run_in_process(tmp_path, manifest, backend)
+    assert outcome.state == "Succeeded", outcome.message
+    trials = engine.trials()
+    assert len(trials) == 16 + 12 + 12 == engine.scheduler.total_trials()
+    assert Counter(level for _, level in backend.launches) == {0: 16, 1: 8 + 12, 2: 4 + 6 + 12}
+    assert len(backend.launches) == len(set(backend.launches)), "no level of a configuration runs twice"
+    by_bracket = {b: [t for t in trials if t.user_attrs.get("bracket", 0) == b] for b in range(3)}
+    assert [min(t.intermediate_values) for t in by_bracket[1]] == [1] * 12, "bracket 1 starts at medium"
+    assert [set(t.intermediate_values) for t in by_bracket[2]] == [{2}] * 12
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 22, TrialState.PRUNED: 18}
+    # promotions stay in their bracket: bracket 1's best half of its 12 medium runs, by WER
+    medium = sorted(by_bracket[1], key=lambda t: (t.intermediate_values[1], t.user_attrs["finished_medium"]))
+    assert {t.number for t in by_bracket[1] if 2 in t.intermediate_values} == {t.number for t in medium[:6]}
+    # correlation pairs come from every bracket that ran both levels
+    assert engine.study.user_attrs[CORRELATIONS]["medium->high"]["pairs"] == 4 + 6
+    statuses = engine.scheduler.bracket_status()
+    assert [(b["startLevel"], b["sizes"], b["sampled"]) for b in statuses] == [
+        ("low", [16, 8, 4], 16), ("medium", [12, 6], 12), ("high", [12], 12)]
+    assert [rung["size"] for rung in engine.scheduler.rungs()] == [16, 20, 22]
