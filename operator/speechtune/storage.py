@@ -8,13 +8,28 @@ inside ``batch()``, with the other writes of the batch in one transaction when
 the batch ends. Trial writes are plain SQL inserts and updates on Optuna's own
 schema, so any Optuna tool still reads the study; that is what makes a trial
 cost a few milliseconds instead of Optuna's ORM round trips per value.
+
+Commits, and their retries while the database is unreachable, never run on an
+asyncio event loop: every transaction goes to the storage's one writer thread,
+in the order the writes were made. A caller outside an event loop waits for its
+transaction (the call returns once it is committed, as before); a caller on an
+event loop (the engine) goes on at once, reading its writes from the mirror, and
+``await storage.flushed()`` waits until everything written so far is committed.
+So one study's database outage holds up only that study, never the other
+studies of the process, nor the loop they share.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import datetime
 import json
 import logging
+import math
+import os
+import threading
 import time
 from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,8 +46,54 @@ from optuna.trial import FrozenTrial, TrialState
 log = logging.getLogger(__name__)
 
 
+RETRY_ENV = "SPEECHTUNE_STORAGE_RETRY_SECONDS"  # the retry window, for `speechtune run` and the operator alike
+DEFAULT_RETRY_SECONDS = 60.0
+WRITER_IDLE_SECONDS = 30.0  # a writer thread with nothing to do for this long ends; the next write starts another
+
+Operation = Callable[[sqlalchemy.Connection], None]
+
+
 class StorageUnavailable(RuntimeError):
     """The study database cannot be reached; carries the URL (without password) and the cause."""
+
+
+def retry_seconds_from_env() -> float:
+    """The retry window: ``SPEECHTUNE_STORAGE_RETRY_SECONDS`` when set to a number >= 0, else 60 s."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        log.warning("%s=%r is not a number of seconds >= 0; using %.0f s", RETRY_ENV, raw, DEFAULT_RETRY_SECONDS)
+        return DEFAULT_RETRY_SECONDS
+    return value
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _unreachable(error: sqlalchemy.exc.DBAPIError) -> bool:
+    """The database is away (refused, reset, restarting), as opposed to refusing what was written."""
+    return isinstance(error, sqlalchemy.exc.OperationalError) or error.connection_invalidated
+
+
+class _Unit:
+    """One transaction for the writer thread; ``deferred``: its caller did not wait for it (an event loop)."""
+
+    __slots__ = ("operations", "future", "deferred")
+
+    def __init__(self, operations: list[Operation], deferred: bool):
+        self.operations = operations
+        self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.deferred = deferred
 
 
 def redact(url: str) -> str:
@@ -72,16 +133,24 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
 class WriteThroughStorage(BaseStorage):
     """BaseStorage over an RDBStorage with an in-memory mirror for reads."""
 
-    def __init__(self, rdb: RDBStorage, retry_seconds: float = 60.0):
+    def __init__(self, rdb: RDBStorage, retry_seconds: float | None = None):
+        """``retry_seconds``: how long commits are retried while the database is unreachable, from the first
+        failure (default: ``SPEECHTUNE_STORAGE_RETRY_SECONDS``, else 60 s)."""
         self.rdb = rdb
-        self.retry_seconds = retry_seconds
+        self.retry_seconds = retry_seconds_from_env() if retry_seconds is None else retry_seconds
         self._memory = InMemoryStorage()
         self._study_ids: dict[int, int] = {}  # memory study id -> database study id
-        self._trial_ids: dict[int, int] = {}  # memory trial id -> database trial id
+        self._trial_ids: dict[int, int] = {}  # memory trial id -> database trial id (written by the writer thread)
         self._trial_study: dict[int, int] = {}  # memory trial id -> memory study id
-        self._pending: list[Callable[[sqlalchemy.Connection], None]] | None = None
+        self._pending: list[Operation] | None = None
         self._states: dict[int, dict[TrialState, int]] = {}  # study -> trials per state, kept as writes happen
-        self._outage_since: float | None = None  # when the current run of failed commits began
+        self._outage_since: float | None = None  # when the current run of failed commits began (writer thread only)
+        # The writer: one thread commits the queued transactions in order (started on demand, ends when idle).
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Unit] = collections.deque()
+        self._writer: threading.Thread | None = None
+        self._last: concurrent.futures.Future[None] | None = None  # the newest transaction queued
+        self._broken: StorageUnavailable | None = None  # a transaction no caller waited for failed: no more writes
 
     def state_counts(self, study_id: int) -> dict[TrialState, int]:
         """Trials per state in O(1): the engine asks on every loop turn."""
@@ -107,18 +176,109 @@ class WriteThroughStorage(BaseStorage):
             yield
         finally:
             operations, self._pending = self._pending, None
-            self._commit(operations)
+            self._submit(operations)
 
-    def _write(self, operation: Callable[[sqlalchemy.Connection], None]) -> None:
+    def _write(self, operation: Operation) -> None:
         if self._pending is not None:
             self._pending.append(operation)
         else:
-            self._commit([operation])
+            self._submit([operation])
 
-    def _commit(self, operations: list[Callable[[sqlalchemy.Connection], None]]) -> None:
-        """Run the writes in one transaction; retry while the database is unreachable."""
+    def _flush(self) -> None:
+        if self._pending:
+            operations, self._pending = self._pending, []
+            self._submit(operations)
+
+    def _submit(self, operations: list[Operation]) -> None:
+        """Hand one transaction to the writer thread. Outside an event loop, wait until it is committed (its
+        error, StorageUnavailable after the retry window, is the caller's); on an event loop, return at once."""
         if not operations:
             return
+        unit = _Unit(operations, deferred=_on_event_loop())
+        with self._lock:
+            if self._broken is not None:
+                raise self._fresh_broken()
+            self._queue.append(unit)
+            self._last = unit.future
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name=f"storage-writer-{id(self):x}", daemon=True)
+                self._writer.start()
+            self._lock.notify()
+        if not unit.deferred:
+            unit.future.result()
+
+    async def flushed(self) -> None:
+        """Until every write made so far is committed, without blocking the event loop; StorageUnavailable when
+        a write could not be committed (the database stayed unreachable for the retry window): what was
+        committed before is in the database, what was written after is not, and the storage takes no more."""
+        with self._lock:
+            last = self._last
+        if last is not None and not last.done():
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_: object) -> None:
+                try:
+                    loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+            last.add_done_callback(wake)
+            await waiter
+        if self._broken is not None:
+            raise self._fresh_broken()
+
+    def _drain(self) -> None:
+        """Until every write made so far is committed, blocking: for the rare calls that go to Optuna's storage."""
+        self._flush()
+        with self._lock:
+            last = self._last
+        if last is not None:
+            concurrent.futures.wait([last])
+        if self._broken is not None:
+            raise self._fresh_broken()
+
+    def _fresh_broken(self) -> StorageUnavailable:
+        assert self._broken is not None
+        error = StorageUnavailable(*self._broken.args)  # one instance per raise: tracebacks do not pile up
+        error.__cause__ = self._broken.__cause__
+        return error
+
+    def _write_queued(self) -> None:
+        """The writer thread: commit the queued transactions in order."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._lock.wait(WRITER_IDLE_SECONDS)
+                    if not self._queue:
+                        self._writer = None
+                        return
+                unit = self._queue[0]
+            try:
+                self._commit(unit.operations)
+            except Exception as error:
+                failed = [unit]
+                with self._lock:
+                    self._queue.popleft()
+                    if unit.deferred:  # its caller went on: the mirror holds what the database lacks, so stop here
+                        if isinstance(error, StorageUnavailable):
+                            self._broken = error
+                        else:
+                            self._broken = StorageUnavailable(
+                                f"study storage {redact(str(self.rdb.engine.url))} refused a write "
+                                f"({type(error).__name__}: {error}); nothing committed before it was lost")
+                            self._broken.__cause__ = error
+                        failed += self._queue
+                        self._queue.clear()
+                for each in failed:
+                    each.future.set_exception(self._broken if each.deferred and self._broken is not None else error)
+            else:
+                with self._lock:
+                    self._queue.popleft()
+                unit.future.set_result(None)
+
+    def _commit(self, operations: list[Operation]) -> None:
+        """Run the writes in one transaction; retry while the database is unreachable. Writer thread only."""
         delay = 0.5
         while True:
             try:
@@ -127,27 +287,26 @@ class WriteThroughStorage(BaseStorage):
                         operation(connection)
                 self._outage_since = None
                 return
-            except sqlalchemy.exc.OperationalError as exc:
-                # One window per storage (one study), from the first failed commit: commits that
-                # fail later in the same outage do not extend it.
+            except sqlalchemy.exc.DBAPIError as exc:
+                if not _unreachable(exc):
+                    raise
+                # One window per storage (one study), from the first failed commit: commits that fail later in
+                # the same outage do not extend it. The last try is at the window's end, then it fails.
                 now = time.monotonic()
                 if self._outage_since is None:
                     self._outage_since = now
-                if now + delay > self._outage_since + self.retry_seconds:
+                deadline = self._outage_since + self.retry_seconds
+                if now >= deadline - 0.001:
                     raise StorageUnavailable(
                         f"study storage {redact(str(self.rdb.engine.url))} unreachable for {self.retry_seconds:.0f} s; "
-                        f"nothing after the last commit was lost from the database: {exc.orig or exc}"
+                        f"everything committed before is kept: {exc.orig or exc}"
                     ) from exc
-                log.warning("study storage unreachable, retrying in %.1f s: %s", delay, exc.orig or exc)
-                time.sleep(delay)
+                wait = min(delay, deadline - now)
+                log.warning("study storage unreachable, retrying in %.1f s: %s", wait, exc.orig or exc)
+                time.sleep(wait)
                 delay = min(delay * 2, 5.0)
 
-    def _flush(self) -> None:
-        if self._pending:
-            operations, self._pending = self._pending, []
-            self._commit(operations)
-
-    # -- studies (rare: straight to Optuna's RDBStorage) ----------------------
+    # -- studies (opening and deleting are rare: straight to Optuna's RDBStorage) ----
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         db_id = self.rdb.create_new_study(directions, study_name)
         name = self.rdb.get_study_name_from_id(db_id)
@@ -177,19 +336,33 @@ class WriteThroughStorage(BaseStorage):
         return memory_id
 
     def delete_study(self, study_id: int) -> None:
-        self._flush()
-        self.rdb.delete_study(self._study_ids.pop(study_id))
+        self._drain()
+        self.rdb.delete_study(self._study_ids[study_id])
+        self._study_ids.pop(study_id)
         self._memory.delete_study(study_id)
 
     def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._flush()
-        self.rdb.set_study_user_attr(self._study_ids[study_id], key, value)
+        value_json = json.dumps(value)
+        existed = key in self._memory.get_study_user_attrs(study_id)  # KeyError for an unknown study
         self._memory.set_study_user_attr(study_id, key, value)
+        self._write_study_attr(models.StudyUserAttributeModel.__table__, study_id, key, value_json, existed)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._flush()
-        self.rdb.set_study_system_attr(self._study_ids[study_id], key, value)
+        value_json = json.dumps(value)
+        existed = key in self._memory.get_study_system_attrs(study_id)
         self._memory.set_study_system_attr(study_id, key, value)
+        self._write_study_attr(models.StudySystemAttributeModel.__table__, study_id, key, value_json, existed)
+
+    def _write_study_attr(self, table: sqlalchemy.Table, study_id: int, key: str, value_json: str, existed: bool) -> None:
+        db_study = self._study_ids[study_id]
+
+        def write(connection: sqlalchemy.Connection) -> None:
+            if existed:
+                connection.execute(table.update().where((table.c.study_id == db_study) & (table.c.key == key)).values(value_json=value_json))
+            else:
+                connection.execute(table.insert().values(study_id=db_study, key=key, value_json=value_json))
+
+        self._write(write)
 
     def get_study_name_from_id(self, study_id: int) -> str:
         return self._memory.get_study_name_from_id(study_id)
@@ -206,7 +379,7 @@ class WriteThroughStorage(BaseStorage):
     def get_all_studies(self) -> list[FrozenStudy]:
         """Every study in the database, under the ids this storage's other methods take (studies not
         yet read are loaded): Optuna's readers (copy_study, study summaries) pass these ids back."""
-        self._flush()
+        self._drain()
         memory_ids = {db_id: memory_id for memory_id, db_id in self._study_ids.items()}
         studies = []
         for frozen in self.rdb.get_all_studies():
@@ -219,23 +392,21 @@ class WriteThroughStorage(BaseStorage):
 
     # -- trial writes: memory first (it validates), then SQL ------------------
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        if template_trial is not None:  # enqueued trials: rare, so Optuna's own full copy
-            self._flush()
-            db_trial = self.rdb.create_new_trial(self._study_ids[study_id], template_trial)
-            memory_trial = self._memory.create_new_trial(study_id, template_trial)
-            self._trial_ids[memory_trial] = db_trial
-            self._count(study_id, None, template_trial.state, memory_trial)
-            return memory_trial
-        memory_trial = self._memory.create_new_trial(study_id)
-        frozen = self._memory.get_trial(memory_trial)
+        memory_trial = self._memory.create_new_trial(study_id, template_trial)
+        frozen = self._memory.get_trial(memory_trial)  # copy-on-write: what it holds now stays
         self._count(study_id, None, frozen.state, memory_trial)
         db_study = self._study_ids[study_id]
+        rows = _template_rows(frozen) if template_trial is not None else []  # enqueued trials: all they carry
 
         def insert(connection: sqlalchemy.Connection) -> None:
             result = connection.execute(models.TrialModel.__table__.insert().values(
                 number=frozen.number, study_id=db_study, state=frozen.state, datetime_start=_utc(frozen.datetime_start),
+                datetime_complete=_utc(frozen.datetime_complete),
             ))
-            self._trial_ids[memory_trial] = result.inserted_primary_key[0]
+            db_trial = result.inserted_primary_key[0]
+            self._trial_ids[memory_trial] = db_trial
+            for table, row in rows:
+                connection.execute(table.insert().values(trial_id=db_trial, **row))
 
         self._write(insert)
         return memory_trial
@@ -323,6 +494,26 @@ class WriteThroughStorage(BaseStorage):
 
     def get_best_trial(self, study_id: int) -> FrozenTrial:
         return self._memory.get_best_trial(study_id)
+
+
+def _template_rows(frozen: FrozenTrial) -> list[tuple[sqlalchemy.Table, dict[str, Any]]]:
+    """The rows besides the trial's own that Optuna's schema keeps for a trial made from a template."""
+    rows: list[tuple[sqlalchemy.Table, dict[str, Any]]] = []
+    for objective, value in enumerate(frozen.values or ()):
+        stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+        rows.append((models.TrialValueModel.__table__, {"objective": objective, "value": stored, "value_type": kind}))
+    for name, value in frozen.params.items():
+        distribution = frozen.distributions[name]
+        rows.append((models.TrialParamModel.__table__, {"param_name": name, "param_value": distribution.to_internal_repr(value),
+                                                        "distribution_json": distribution_to_json(distribution)}))
+    for table, attrs in ((models.TrialUserAttributeModel.__table__, frozen.user_attrs),
+                         (models.TrialSystemAttributeModel.__table__, frozen.system_attrs)):
+        rows.extend((table, {"key": key, "value_json": json.dumps(value)}) for key, value in attrs.items())
+    for step, value in frozen.intermediate_values.items():
+        stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+        rows.append((models.TrialIntermediateValueModel.__table__, {"step": step, "intermediate_value": stored,
+                                                                    "intermediate_value_type": kind}))
+    return rows
 
 
 def _utc(moment: datetime.datetime | None) -> datetime.datetime | None:

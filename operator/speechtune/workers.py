@@ -41,19 +41,12 @@ from speechtune.protocol import READY, WORKER_ENV, protocol_object
 log = logging.getLogger(__name__)
 
 
-class WarmRun:
-    """One run in a warm worker; if the trainer turned out to be no worker, its cold run stands in."""
+class RelayedRun:
+    """A run whose output lines a worker's reader relays to it, and whose end that reader reports;
+    if the trainer turned out to be no worker, its cold run stands in. Warm runs, local and in pods."""
 
-    def __init__(self, run_id: str, launch: TrialLaunch, worker: Worker, log_path: Path, grace: float):
-        self.id = run_id
-        self.launch = launch
-        self.worker = worker
-        self.log_path = log_path
-        self.log = open(log_path, "wb", buffering=0)
-        self.grace = grace
-        self.ignored = 0  # protocol lines its worker printed while it ran that were not for it
+    def __init__(self) -> None:
         self.cold: TrialRun | None = None
-        self.stopping = False
         self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._over = asyncio.Event()
         self._exit = Exit(False)
@@ -66,8 +59,10 @@ class WarmRun:
         self._lines.put_nowait(line)
 
     def finish(self, exit: Exit, cold: TrialRun | None = None) -> None:
+        """The run ended as ``exit`` says (once: a later report of its end changes nothing)."""
+        if self.over:
+            return
         self._exit, self.cold = exit, cold
-        self.log.close()
         self._lines.put_nowait(None)
         self._over.set()
 
@@ -81,6 +76,25 @@ class WarmRun:
     async def wait(self) -> Exit:
         await self._over.wait()
         return await self.cold.wait() if self.cold is not None else self._exit
+
+
+class WarmRun(RelayedRun):
+    """One run in a local warm worker, with its own log file."""
+
+    def __init__(self, run_id: str, launch: TrialLaunch, worker: Worker, log_path: Path, grace: float):
+        super().__init__()
+        self.id = run_id
+        self.launch = launch
+        self.worker = worker
+        self.log_path = log_path
+        self.log = open(log_path, "wb", buffering=0)
+        self.grace = grace
+        self.ignored = 0  # protocol lines its worker printed while it ran that were not for it
+        self.stopping = False
+
+    def finish(self, exit: Exit, cold: TrialRun | None = None) -> None:
+        self.log.close()
+        super().finish(exit, cold)
 
     async def stop(self) -> None:
         if not self.over and not self.stopping:

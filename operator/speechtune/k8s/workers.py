@@ -47,7 +47,7 @@ from speechtune.k8s.manifests import (
 from speechtune.local import LaunchError
 from speechtune.podworker import NOT_A_WORKER_EXIT, token_hash
 from speechtune.protocol import protocol_object
-from speechtune.workers import exit_of, worn_out
+from speechtune.workers import RelayedRun, exit_of, worn_out
 
 log = logging.getLogger(__name__)
 
@@ -84,48 +84,20 @@ class Assignment:
             return None
 
 
-class WorkerRun:
-    """One run in a worker pod: the lines its worker printed for it, and how it ended."""
+class WorkerRun(RelayedRun):
+    """One run in a worker pod: the lines its worker printed for it, and how it ended; a cold
+    fallback's own Job stands in when the trainer turned out to be no worker."""
 
     def __init__(self, assignment: Assignment, worker: PodWorker, launch: TrialLaunch | None):
+        super().__init__()
         self.assignment = assignment
         self.id = assignment.id
         self.key = (assignment.number, assignment.attempt)
         self.worker = worker
         self.launch = launch  # None for a run found at start (its launch was another operator's)
         self.sendable = launch is None  # the assignment is on the worker's Job: the pod may get it
-        self.accepted = False  # the pod said it has it
         self.stop_requested = False
-        self.cold: KubernetesRun | None = None  # the trainer turned out to be no worker: the run's own Job
         self.created: asyncio.Task | None = None
-        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._over = asyncio.Event()
-        self._exit = STOPPED
-
-    @property
-    def over(self) -> bool:
-        return self._over.is_set()
-
-    def take(self, line: bytes) -> None:
-        self._lines.put_nowait(line)
-
-    def finish(self, exit: Exit, cold: KubernetesRun | None = None) -> None:
-        if self.over:
-            return
-        self._exit, self.cold = exit, cold
-        self._lines.put_nowait(None)
-        self._over.set()
-
-    async def lines(self) -> AsyncIterator[bytes]:
-        while (line := await self._lines.get()) is not None:
-            yield line
-        if self.cold is not None:
-            async for line in self.cold.lines():
-                yield line
-
-    async def wait(self) -> Exit:
-        await self._over.wait()
-        return await self.cold.wait() if self.cold is not None else self._exit
 
     async def stop(self) -> None:
         """Ask the worker to stop the run at its next step boundary; past stopGraceSeconds, delete the worker's pod."""
@@ -189,8 +161,7 @@ class PodWorker:
             self.changed.clear()
             run = self.run
             if run is not None and run.sendable and not run.over:
-                if last == run.id:
-                    run.accepted = True
+                if last == run.id:  # the pod has it
                     if run.stop_requested and current == run.id:
                         return {"stop": run.id}
                 elif run.stop_requested:

@@ -168,7 +168,16 @@ BAD_LADDERS = [  # changes to examples/k8s/fake-ladder.yaml
      "spec.fidelity.checkpointVolume", "should match"),
     ("fidelity-with-a-pruner", setting("spec.pruner", {"type": "median"}), "spec.pruner.type", "must be none with spec.fidelity"),
     ("negative-seeds", setting("spec.validation.seeds", -1), "spec.validation.seeds", "greater than or equal to 0"),
-    ("unknown-fidelity-field", setting("spec.fidelity.brackets", 3), "spec.fidelity.brackets", "unknown field"),
+    ("unknown-fidelity-field", setting("spec.fidelity.rankBy", "cer"), "spec.fidelity.rankBy", "unknown field"),
+    ("brackets-above-levels", setting("spec.fidelity.brackets", 4), "spec.fidelity.brackets", "must be <= the number of levels"),
+    ("brackets-above-six", setting("spec.fidelity.brackets", 7), "spec.fidelity.brackets", "less than or equal to 6"),
+    ("rank-metric-unknown", setting("spec.fidelity.levels.0.rank", {"metric": "loss"}), "spec.fidelity.levels",
+     "must be wer, cer, val_loss or the objective's metric"),
+    ("rank-tie-break-is-the-metric", setting("spec.fidelity.levels.1.rank", {"metric": "val_loss", "tieBreak": {"metric": "val_loss"}}),
+     "spec.fidelity.levels[1].rank.tieBreak.metric", "must differ from rank.metric"),
+    ("rank-metric-empty", setting("spec.fidelity.levels.0.rank", {"metric": ""}), "spec.fidelity.levels[0].rank.metric", "should match"),
+    ("rank-unknown-field", setting("spec.fidelity.levels.0.rank", {"metric": "cer", "by": "wer"}), "spec.fidelity.levels[0].rank.by",
+     "unknown field"),
     ("checkpoints-volume-not-the-ladders", lambda b: (setting("spec.fidelity.checkpointVolume", "ckpt")(b),
                                                       setting("spec.checkpoints", {"keepBest": 1, "volume": "other"})(b)),
      "spec.checkpoints.volume", "must be the PVC that fidelity.checkpointVolume names"),
@@ -497,6 +506,24 @@ def test_the_ladder_example_is_accepted_and_defaulted(crds, kube_namespace):
     assert (applied["spec"]["fidelity"]["mode"], applied["spec"]["fidelity"]["resumeFromCheckpoint"]) == ("synchronous", True)
     study, _ = studyspec.parse(applied)
     assert (study.fidelity.rung_sizes(), study.validation_seeds) == ([16, 4, 1], 2)
+
+
+def test_a_ladder_with_rank_metrics_and_brackets_is_accepted_and_parsed_alike(crds, kube_namespace):
+    body = manifest("ranked-ladder", LADDER)
+    body["spec"]["fidelity"]["levels"][0]["rank"] = {"metric": "val_loss", "tieBreak": {"metric": "cer"}}
+    body["spec"]["fidelity"]["levels"][1]["rank"] = {"metric": "wer", "direction": "minimize"}
+    body["spec"]["fidelity"]["brackets"] = 3
+    result = crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", "-o", "json", input=json.dumps(body))
+    applied = json.loads(result.stdout)
+    assert applied["spec"]["fidelity"]["levels"][0]["rank"] == {"metric": "val_loss", "tieBreak": {"metric": "cer"}}  # no defaults
+    study, _ = studyspec.parse(applied)
+    low, medium, high = study.fidelity.levels
+    assert (low.rank.metric, low.rank.tie_break, medium.rank.metric, high.rank) == ("val_loss", "cer", "wer", None)
+    assert study.fidelity.bracket_sizes() == [[16, 4, 1], [0, 6, 1], [0, 0, 3]]
+    del body["spec"]["fidelity"]["brackets"]
+    defaulted = json.loads(crds.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", "-o", "json",
+                                        input=json.dumps(body)).stdout)
+    assert defaulted["spec"]["fidelity"]["brackets"] == 1
 
 
 @pytest.mark.parametrize("change, field", [
