@@ -13,6 +13,12 @@ from the start; values already stored are skipped. Otherwise, after the backend'
 more look, the scheduler decides: plain search records the trial FAIL with reason
 ``interrupted`` (not counted toward ``maxFailedTrials``) and queues its configuration again
 inside ``maxTrials``; the ladder runs the level again.
+
+Storage: the engine runs on an event loop, so its writes return at once and the storage's
+writer thread commits them in order (``WriteThroughStorage``); the executor awaits
+``storage.flushed()`` before every side effect that depends on them: before a launch, before a
+stop, after each value (so a run's output is read no faster than it is stored) and before the
+study's end. A database outage thus holds up only this study, never the loop.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -154,13 +160,29 @@ class Executor:
         return bool(self._failed_message)
 
     async def run(self) -> Outcome:
-        """Run the study to its end; return Succeeded or Failed with a message."""
+        """Run the study to its end; return Succeeded or Failed with a message. Raises StorageUnavailable
+        when the storage stays unreachable for its retry window. Returns or raises only once the runs'
+        tasks have ended and the storage has committed what it can."""
+        try:
+            return await self._run()
+        finally:
+            running = list(self._running.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)  # retrieved: no "never retrieved" noise
+            try:
+                await self.storage.flushed()  # no write of this engine lands after it is gone
+            except StorageUnavailable:
+                pass  # already raised, or raised to whoever runs the study next
+
+    async def _run(self) -> Outcome:
         self.scheduler.prepare()
         await self._recover()
         self._publish_counts()
         while True:
             self._wake.clear()
             if self._failed_message:  # stop the runs still going; their tasks record why
+                await self.storage.flushed()  # the study's failure is recorded before anything is stopped
                 await asyncio.gather(*(run.handle.stop() for run in list(self._runs.values()) if run.handle is not None))
             while not self._failed_message and len(self._running) < self.budget.parallelism:
                 run = self.scheduler.next_run()
@@ -179,6 +201,7 @@ class Executor:
                         other.cancel()
                     await asyncio.gather(*others, return_exceptions=True)  # retrieved: no "never retrieved" noise
                     raise task.exception()
+        await self.storage.flushed()  # the study has ended only once its storage says so
         counts = self.counts()
         if self._failed_message:
             self._notify(Event("study-failed", message=self._failed_message))
@@ -251,10 +274,12 @@ class Executor:
     # -- running ------------------------------------------------------------------
     async def _launch(self, run: Run) -> None:
         """Start one run and follow it; a command that cannot start fails the run."""
+        await self.storage.flushed()  # the trial and its parameters are committed before it runs
         try:
             handle = await self.backend.launch(run.launch)
         except LaunchError as exc:
             run.scheduler.on_failure(run, TrialFailed("LaunchError", str(exc)))
+            await self.storage.flushed()
             return
         if run.announce:
             self._notify(Event("started", run.trial.number, run.description))
@@ -287,14 +312,16 @@ class Executor:
         try:
             try:
                 result = await follow_output(run.handle, self.objective, lambda step, value: run.scheduler.on_value(run, step, value),
-                                             self.labels, gpus=self.gpus)
+                                             self.labels, gpus=self.gpus, stored=self.storage.flushed)
             except TrialFailed as failure:
                 if self._failed_message:  # stopped by us, because the study failed
                     failure = TrialFailed("StudyFailed", "stopped because the study failed")
                 run.scheduler.on_failure(run, failure)
+                await self.storage.flushed()
                 await run.handle.stop()
                 return
             run.scheduler.on_result(run, result)
+            await self.storage.flushed()
             if result.stopped:
                 await run.handle.stop()
         except (StorageUnavailable, asyncio.CancelledError):
@@ -303,6 +330,7 @@ class Executor:
             log.exception("%s: run %s failed inside the runner", self.study_name, run.launch.run_name)
             if self.storage.get_trial(run.trial._trial_id).state == TrialState.RUNNING:
                 run.scheduler.on_failure(run, TrialFailed("RunnerError", f"{type(error).__name__}: {error}"))
+            await self.storage.flushed()
             await run.handle.stop()
 
     async def _recover(self) -> None:
@@ -314,6 +342,7 @@ class Executor:
             lost = [run for run in lost if not await self._reattach(run)]
         for run in lost:
             run.scheduler.lost(self.storage.get_trial(run.trial._trial_id))
+        await self.storage.flushed()
 
     async def _reattach(self, run: Run) -> bool:
         handle = await self.backend.attach(self.study_name, run.trial.number, run.launch.attempt)
@@ -339,9 +368,10 @@ class RunResult:
 
 
 async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
-                        *, gpus: float) -> RunResult:
+                        *, gpus: float, stored: Callable[[], Awaitable[None]] | None = None) -> RunResult:
     """Read a run's protocol lines to its end; ``on_step`` sees each value and may end the reading
-    early (``RunResult.stopped``): the caller then records why and stops the run.
+    early (``RunResult.stopped``): the caller then records why and stops the run. ``stored``, awaited
+    after each value, holds the reading until what ``on_step`` recorded is committed.
 
     The run's GPU-seconds (``gpus`` x time since following began) are counted at each value and at
     the end, so a run of days shows up while it runs. Raises TrialFailed for NaN, a failed exit, or
@@ -361,12 +391,13 @@ async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, f
         return on_step(step, value)
 
     try:
-        return await _read_output(run, objective, on_value, labels)
+        return await _read_output(run, objective, on_value, labels, stored)
     finally:
         count_gpu_time()
 
 
-async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str]) -> RunResult:
+async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
+                       stored: Callable[[], Awaitable[None]] | None = None) -> RunResult:
     final_value: float | None = None
     last_value: float | None = None
     last_metrics: dict[str, float] = {}
@@ -387,7 +418,10 @@ async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, fl
         last_value = value
         if line.time is not None:
             metrics.METRIC_LAG.labels(**labels).observe(max(0.0, time.time() - line.time))
-        if on_step(line.step, value):
+        stop = on_step(line.step, value)
+        if stored is not None:
+            await stored()
+        if stop:
             return RunResult(None, last_metrics, stopped=True)  # the caller stops the run once it has recorded why
     exit = await run.wait()
     if not exit.succeeded:

@@ -226,6 +226,7 @@ class Charge:
     first: int  # the first epoch it trained (> 1: resumed)
     last: int  # the last epoch it reported
     epochs: int  # the epochs it was asked for
+    recorded_epochs: int  # the recording's full fidelity
     stopped: bool
     cpu_s: float
     wall_s: float
@@ -235,7 +236,7 @@ class Charge:
     @property
     def full_fidelity(self) -> bool:
         """A run of the full kind to the recording's last epoch: what the study's result means."""
-        return self.kind == FULL and self.last == self.epochs and not self.stopped
+        return self.kind == FULL and self.last == self.recorded_epochs and not self.stopped
 
     def cost(self, clock: str = "cpu") -> float:
         return self.cpu_s if clock == "cpu" else self.wall_s
@@ -295,7 +296,8 @@ class ReplayRun:
             wall += self.backend.recording.startup_wall_s
         step = self.curve.steps[self.reached - 1] if self.reached >= 1 else {}
         self.charge = Charge(study=self.launch.study, number=self.launch.number, attempt=self.launch.attempt, config=self.config.id,
-                             kind=self.kind, first=self.first, last=self.reached, epochs=self.last, stopped=stopped,
+                             kind=self.kind, first=self.first, last=self.reached, epochs=self.last,
+                             recorded_epochs=self.backend.recording.epochs, stopped=stopped,
                              cpu_s=cpu, wall_s=wall, end=asyncio.get_running_loop().time(), metrics=dict(step))
         self._ended.set()
         self.backend.charged(self.charge)

@@ -152,6 +152,21 @@ class WriteThroughStorage(BaseStorage):
         self._last: concurrent.futures.Future[None] | None = None  # the newest transaction queued
         self._broken: StorageUnavailable | None = None  # a transaction no caller waited for failed: no more writes
 
+    def __getstate__(self) -> dict[str, Any]:  # Optuna's storages pickle; the writer's thread and lock do not
+        self._drain()
+        state = self.__dict__.copy()
+        for name in ("_lock", "_queue", "_writer", "_last", "_broken"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Condition()
+        self._queue = collections.deque()
+        self._writer = None
+        self._last = None
+        self._broken = None
+
     def state_counts(self, study_id: int) -> dict[TrialState, int]:
         """Trials per state in O(1): the engine asks on every loop turn."""
         return dict(self._states.setdefault(study_id, {state: 0 for state in TrialState}))

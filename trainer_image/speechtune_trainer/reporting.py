@@ -1,4 +1,5 @@
-"""Per-epoch protocol lines: WER from NeMo's validation, CER from the same decoded hypotheses, epoch time
+"""Per-epoch protocol lines: WER from NeMo's validation, CER from the same decoded hypotheses, NeMo's validation
+loss (val_loss: the CTC or RNN-T loss on the dev set, which moves before WER does), epoch time
 (and the peak GPU memory on CUDA).
 
 NeMo's models compute WER only; decoding the dev set a second time for CER would double
@@ -82,6 +83,9 @@ class ProtocolReporter(Callback):
             "cer": self.cer.cer,
             "epoch_seconds": round(time.monotonic() - self.epoch_started, 3),
         }
+        loss = trainer.callback_metrics.get("val_loss")  # NeMo logs it with val_wer (RNN-T: unless compute_eval_loss is off)
+        if loss is not None:
+            self.last["val_loss"] = float(loss)
         if pl_module.device.type == "cuda":
             self.last["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**30, 3)
         report(step=trainer.current_epoch + 1, **self.last)

@@ -1,0 +1,174 @@
+"""The replay backend (speechtune.replay): recorded curves as protocol lines, recorded costs charged,
+the real engine on top. Uses bench/results/curves_fake.json, a recording of the fake trainer
+(`bench/record_curves.py --trainer fake`): no NeMo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path, PurePath
+
+import pytest
+
+from speechtune import spec
+from speechtune.backend import build_launch
+from speechtune.executor import Executor
+from speechtune.local import LaunchError
+from speechtune.protocol import parse_line
+from speechtune.replay import Recording, ReplayBackend, VirtualClockLoop, run_virtual
+from speechtune.storage import WriteThroughStorage, open_rdb
+
+RECORDING = Path(__file__).resolve().parents[2] / "bench" / "results" / "curves_fake.json"
+TEMPLATE = spec.TrialTemplate(command=("replay",))
+
+
+@pytest.fixture(scope="module")
+def recording() -> Recording:
+    return Recording.load(RECORDING)
+
+
+def raw_run(recording: Recording, config_id: int, kind: str) -> dict:
+    """The recording's own entry for a run, straight from the JSON (following same_as)."""
+    runs = next(entry for entry in json.loads(RECORDING.read_text())["configs"] if entry["id"] == config_id)["runs"]
+    while "same_as" in runs[kind]:
+        kind = runs[kind]["same_as"]
+    return runs[kind]
+
+
+async def read(backend: ReplayBackend, launch) -> list:
+    run = await backend.launch(launch)
+    lines = [parse_line(raw) async for raw in run.lines()]
+    assert (await run.wait()).succeeded
+    return lines
+
+
+@pytest.mark.parametrize("kind", ["full", "data", "model", "data-model"])
+def test_the_replay_backend_reproduces_a_recorded_curve_exactly(recording, kind):
+    config = recording.configs[3]
+    recorded = raw_run(recording, config.id, kind)
+    backend = ReplayBackend(recording)
+    launch = build_launch("s", 0, TEMPLATE, config.params, overrides=recording.kinds[kind])
+    lines = run_virtual(read(backend, launch))
+    steps = [line for line in lines if not line.final]
+    assert [line.step for line in steps] == list(range(1, recording.epochs + 1))
+    assert [line.metrics for line in steps] == recorded["steps"]  # every value, as recorded
+    final = lines[-1]
+    assert final.final and {k: v for k, v in final.metrics.items() if not k.startswith("run_")} == recorded["steps"][-1]
+    [charge] = backend.ledger
+    assert (charge.config, charge.kind, charge.first, charge.last, charge.stopped) == (config.id, kind, 1, recording.epochs, False)
+    assert charge.cpu_s == pytest.approx(recorded["run_cpu_s"], abs=1e-9)
+    assert charge.wall_s == pytest.approx(recorded["run_wall_s"], abs=1e-9)
+
+
+def test_fewer_epochs_print_the_first_epochs_and_a_resumed_run_continues_where_the_checkpoint_is(recording):
+    config = recording.configs[5]
+    recorded = raw_run(recording, config.id, "full")
+    backend = ReplayBackend(recording)
+    folder = {"checkpoint_dir": "/ckpt/trial-0/from-level-0"}
+    low = run_virtual(read(backend, build_launch("s", 0, TEMPLATE, config.params, overrides={"epochs": 2, **folder}, attempt="L0")))
+    assert [line.metrics for line in low if not line.final] == recorded["steps"][:2]
+    high = run_virtual(read(backend, build_launch("s", 0, TEMPLATE, config.params, overrides={"epochs": 5, **folder}, attempt="L1")))
+    assert [line.step for line in high if not line.final] == [3, 4, 5]
+    assert [line.metrics for line in high if not line.final] == recorded["steps"][2:]
+    first, second = backend.ledger
+    cpu, wall = recorded["cpu_s"], recorded["wall_s"]
+    tail = recorded["run_wall_s"] - wall[-1]
+    assert first.wall_s == pytest.approx(wall[1] + tail)  # set-up + 2 epochs + the tail
+    assert second.wall_s == pytest.approx(recorded["setup_wall_s"] + wall[4] - wall[1] + tail)  # set-up again, epochs 3-5
+    assert second.cpu_s == pytest.approx(recorded["setup_cpu_s"] + cpu[4] - cpu[1] + recorded["run_cpu_s"] - cpu[-1])
+
+
+def test_sampled_parameters_snap_to_the_nearest_recorded_configuration(recording):
+    config = recording.configs[7]
+    assert recording.snap(config.params) is config
+    nudged = {**config.params, "lr": config.params["lr"] * 1.01, "dropout": min(0.3, config.params["dropout"] + 0.001)}
+    assert recording.snap(nudged) is config
+    with pytest.raises(LaunchError, match="no run with the overrides"):
+        recording.kind_of({"train_hours": 123})
+    with pytest.raises(LaunchError, match="epochs=9"):
+        recording.epochs_of({"epochs": 9})
+
+
+def test_the_virtual_clock_orders_runs_by_cost_and_takes_no_real_time(recording):
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop)
+        began = loop.time()
+        await asyncio.sleep(3600)
+        return loop.time() - began
+
+    assert run_virtual(main()) == pytest.approx(3600)
+
+
+def ladder_study(tmp_path: Path, levels: list[dict], mode: str, initial: int) -> spec.Study:
+    return spec.parse_study({
+        "metadata": {"name": "replayed-ladder"},
+        "spec": {
+            "objective": {"metric": "wer"}, "parallelism": 3, "maxFailedTrials": 0,
+            "sampler": {"type": "tpe", "seed": 3, "startupTrials": 3},
+            "searchSpace": json.loads(RECORDING.read_text())["meta"]["space"],
+            "trialTemplate": {"command": ["replay"]},
+            "fidelity": {"levels": levels, "reductionFactor": 3, "initialTrials": initial, "mode": mode,
+                         "checkpointVolume": "/replay-checkpoints"},
+            "storage": {"url": f"sqlite:///{tmp_path}/replay.db"},
+        },
+    })
+
+
+@pytest.mark.parametrize("levels, mode", [
+    ([{"name": "low", "overrides": {"train_hours": 0.02, "num_layers": 1}}, {"name": "mid", "overrides": {"epochs": 2}},
+      {"name": "full", "overrides": {"epochs": 5}}], "synchronous"),
+    ([{"name": "low", "overrides": {"train_hours": 0.02}}, {"name": "full", "overrides": {}}], "asynchronous"),
+])
+def test_a_replayed_ladder_study_with_the_real_engine_spends_exactly_the_recorded_cost_of_its_runs(recording, tmp_path, levels, mode):
+    study = ladder_study(tmp_path, levels, mode, initial=9)
+    backend = ReplayBackend(recording)
+    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend,
+                      checkpoint_root=PurePath("/replay-checkpoints"), checkpoint_files_here=False)
+    outcome = run_virtual(engine.run())
+    assert outcome.state == "Succeeded", outcome.message
+    # What the engine stored: every configuration's levels, with the value each level reported.
+    expected_cpu = expected_wall = 0.0
+    runs = 0
+    for trial in engine.trials():
+        config = recording.snap(trial.params)
+        done = sorted(trial.intermediate_values)
+        assert done == list(range(len(done))) and done, trial
+        previous = None
+        for index in done:
+            overrides = study.fidelity.levels[index].overrides
+            kind, epochs = recording.kind_of(overrides), recording.epochs_of(overrides)
+            curve = config.curves[kind]
+            first = previous[1] + 1 if previous is not None and previous[0] == kind else 1  # resumed: only epochs changed
+            expected_cpu += curve.cost(first, epochs, "cpu")
+            expected_wall += curve.cost(first, epochs, "wall")
+            assert trial.intermediate_values[index] == curve.steps[epochs - 1]["wer"]
+            previous = (kind, epochs)
+            runs += 1
+    assert len(backend.ledger) == runs == sum(study.fidelity.rung_sizes())
+    assert sum(charge.cpu_s for charge in backend.ledger) == pytest.approx(expected_cpu, abs=1e-9)
+    assert sum(charge.wall_s for charge in backend.ledger) == pytest.approx(expected_wall, abs=1e-9)
+    assert "fidelity_correlations" in engine.study.user_attrs  # the proxy check ran on the replayed values
+
+
+def test_a_pruned_run_pays_only_for_the_epochs_it_reported(recording, tmp_path):
+    study = spec.parse_study({
+        "metadata": {"name": "replayed-median"},
+        "spec": {
+            "objective": {"metric": "wer"}, "parallelism": 2, "maxTrials": 12,
+            "sampler": {"type": "random", "seed": 1}, "pruner": {"type": "median", "startupTrials": 2},
+            "searchSpace": json.loads(RECORDING.read_text())["meta"]["space"],
+            "trialTemplate": {"command": ["replay"]}, "storage": {"url": f"sqlite:///{tmp_path}/median.db"},
+        },
+    })
+    backend = ReplayBackend(recording)
+    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend)
+    assert run_virtual(engine.run()).state == "Succeeded"
+    pruned = [charge for charge in backend.ledger if charge.stopped]
+    assert pruned, "the median pruner stopped nothing: pick another seed"
+    for charge in backend.ledger:
+        curve = recording.config(charge.config).curves["full"]
+        assert charge.wall_s == pytest.approx(curve.cost(1, charge.last, "wall", finished=not charge.stopped))
+    by_number = {charge.number: charge for charge in backend.ledger}
+    for trial in engine.trials():
+        assert max(trial.intermediate_values) == by_number[trial.number].last
