@@ -78,7 +78,7 @@ def arm_specs(recording: Recording, startup_trials: int) -> dict[str, dict[str, 
     """Each arm's sampler, pruner and ladder (levels, mode, rank, brackets), from what the recording has."""
     rank_by = rank_of(recording)
     full_epochs = recording.epochs
-    low_epochs = max(1, round(full_epochs / ETA))  # 2 of 5: one Hyperband step below the full run
+    low_epochs = max(1, full_epochs // 4)  # 1 of 4
     kinds = recording.kinds
     tpe = {"type": "tpe", "startupTrials": startup_trials}
     arms: dict[str, dict[str, Any]] = {
@@ -101,29 +101,28 @@ def arm_specs(recording: Recording, startup_trials: int) -> dict[str, dict[str, 
             fidelity["brackets"] = brackets
         return {"sampler": tpe, "fidelity": fidelity}
 
-    epochs = [{"epochs": low_epochs}, {"epochs": full_epochs}]
+    # Levels: epochs alone (1 -> 2 -> 4 of 4: each level doubles the epochs), data size alone, model size alone,
+    # and data size or data + model size below the epochs levels. Lower levels rank by the objective, or (+rank) by RANK.
+    epochs = [{"epochs": low_epochs}, {"epochs": 2 * low_epochs}, {"epochs": full_epochs}] if 2 * low_epochs < full_epochs else [
+        {"epochs": low_epochs}, {"epochs": full_epochs}]
+    data = [kinds["data"], {}] if "data" in kinds else None
+    data_epochs = [kinds["data"], {"epochs": max(1, full_epochs // 2)}, {"epochs": full_epochs}] if "data" in kinds else None
+    model = [kinds["model"], {}] if "model" in kinds else None
+    three = [kinds["data-model"], {"epochs": max(1, full_epochs // 2)}, {"epochs": full_epochs}] if "data-model" in kinds else None
     arms["ladder-epochs-sync"] = ladder(epochs, "synchronous")
     arms["ladder-epochs"] = ladder(epochs)
-    if "data" in kinds:
-        arms["ladder-data"] = ladder([kinds["data"], {}])
-        arms["ladder-data-epochs"] = ladder([{**kinds["data"], "epochs": low_epochs}, {"epochs": full_epochs}])
-    if "model" in kinds:
-        arms["ladder-model"] = ladder([kinds["model"], {}])
-    three = None
-    if "data-model" in kinds:
-        three = [kinds["data-model"], {"epochs": low_epochs}, {"epochs": full_epochs}]
-        arms["ladder-3"] = ladder(three)
+    for name, levels in (("ladder-data", data), ("ladder-model", model), ("ladder-data-epochs", data_epochs), ("ladder-3", three)):
+        if levels:
+            arms[name] = ladder(levels)
     if HAS_RANK:
-        arms["ladder-epochs+rank"] = ladder(epochs, rank=True)
-        if "data" in kinds:
-            arms["ladder-data+rank"] = ladder([kinds["data"], {}], rank=True)
-            arms["ladder-data-epochs+rank"] = ladder([{**kinds["data"], "epochs": low_epochs}, {"epochs": full_epochs}], rank=True)
-        if three:
-            arms["ladder-3+rank"] = ladder(three, rank=True)
+        for name, levels in (("ladder-epochs", epochs), ("ladder-data", data), ("ladder-data-epochs", data_epochs), ("ladder-3", three)):
+            if levels:
+                arms[f"{name}+rank"] = ladder(levels, rank=True)
     if HAS_BRACKETS:
-        arms["ladder-epochs+brackets"] = ladder(epochs, brackets=2)
-        if three:
-            arms["ladder-3+rank+brackets" if HAS_RANK else "ladder-3+brackets"] = ladder(three, rank=HAS_RANK, brackets=3)
+        suffix = "+rank+brackets" if HAS_RANK else "+brackets"
+        for name, levels in (("ladder-epochs", epochs), ("ladder-data-epochs", data_epochs)):
+            if levels:
+                arms[f"{name}{suffix}"] = ladder(levels, rank=HAS_RANK, brackets=len(levels))
     return arms
 
 
@@ -384,10 +383,11 @@ def plot(path: Path, anytime: dict, budget: float, title: str, order: list[str])
         _, gy = px(0, target)
         draw.line([left, gy, width - right, gy], fill="#999999")
         draw.text((left + 4, gy - 16), "random's median final WER", fill="#555555", font=small)
-    draw.text((left, 15), title, fill="black", font=font)
-    draw.text(((left + width - right) / 2 - 150, height - 35), f"CPU-s spent, as a share of B = {budget:.0f} CPU-s",
+    unit = "CPU-s" if COST == "cpu" else "wall-s"
+    draw.text((left, 6), title, fill="black", font=font)
+    draw.text(((left + width - right) / 2 - 150, height - 35), f"{unit} spent, as a share of B = {budget:.0f} {unit}",
               fill="black", font=font)
-    draw.text((8, top - 30), "median best full-fidelity dev WER so far", fill="black", font=font)
+    draw.text((left, top - 20), "median over seeds of the best full-fidelity dev WER so far", fill="black", font=small)
     for index, arm in enumerate(order):
         colour = COLOURS[index % len(COLOURS)]
         points = [px(x, y) for x, y in zip(xs, anytime["median_best_wer"][arm]) if y is not None]

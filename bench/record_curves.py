@@ -290,7 +290,8 @@ async def record(args: argparse.Namespace) -> None:
     recording = load(args, configs)
     wall_before = recording.get("meta", {}).get("recorded_wall_s", 0.0)
     notes = [
-        "val_loss: the NeMo trainer does not print it (yet); the recording's worker shim adds Lightning's callback_metrics['val_loss']",
+        "val_loss: NeMo's validation loss, Lightning's callback_metrics['val_loss'] (the trainer prints it since issue 13; "
+        "the recording's worker shim adds it when a trainer does not)",
         "cpu_s / wall_s per epoch are cumulative from the run's start (the worker's process CPU time: one torch thread)",
         "setup_*: before the first training epoch (model, data loaders); run_*: the whole run; a kind marked same_as is that kind's run",
         "warm runs: the worker had already imported torch and NeMo; startup.* is the cost a cold run adds",
@@ -364,12 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "replay-bench", help="make-data directory (made if missing)")
     parser.add_argument("--hours", type=float, default=0.2, help="make-data --hours, when the data is made")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=5, help="full fidelity, and every recorded run")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="full fidelity, and every recorded run")
+    parser.add_argument("--batch-size", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--full-hours", type=float, default=0.072,
+    parser.add_argument("--full-hours", type=float, default=0.054,
                         help="train_hours of the full kind (the first H hours of make-data's training set); the dev set is all of it")
-    parser.add_argument("--data-hours", type=float, default=0.018, help="train_hours of the data and data-model kinds")
+    parser.add_argument("--data-hours", type=float, default=0.0135, help="train_hours of the data and data-model kinds")
     parser.add_argument("--model-layers", type=int, default=1, help="num_layers of the model and data-model kinds")
     parser.add_argument("--fake-sleep", type=float, default=0.01, help="fake trainer: seconds per epoch")
     parser.add_argument("--parallelism", type=int, default=2)

@@ -295,7 +295,9 @@ class Executor:
         number = run.trial.number
         self._trial_runs[number] = self._trial_runs.get(number, 0) + 1
 
-        def forget(_: asyncio.Task) -> None:
+        def forget(done: asyncio.Task) -> None:
+            if not done.cancelled():
+                done.exception()  # StorageUnavailable: the loop meets it too (the storage takes no more), maybe elsewhere
             self._running.pop(key, None)
             self._runs.pop(key, None)
             self._trial_runs[number] -= 1

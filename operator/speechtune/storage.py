@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 RETRY_ENV = "SPEECHTUNE_STORAGE_RETRY_SECONDS"  # the retry window, for `speechtune run` and the operator alike
 DEFAULT_RETRY_SECONDS = 60.0
+RETRY_MAX_DELAY = 2.0  # retries 0.5 s after the first failure, doubling to 2 s: back within 2 s of the database
 WRITER_IDLE_SECONDS = 30.0  # a writer thread with nothing to do for this long ends; the next write starts another
 
 Operation = Callable[[sqlalchemy.Connection], None]
@@ -145,6 +146,7 @@ class WriteThroughStorage(BaseStorage):
         self._pending: list[Operation] | None = None
         self._states: dict[int, dict[TrialState, int]] = {}  # study -> trials per state, kept as writes happen
         self._outage_since: float | None = None  # when the current run of failed commits began (writer thread only)
+        self._retrying = False  # the writer's transaction is a retry: its last try may have committed unbeknown to us
         # The writer: one thread commits the queued transactions in order (started on demand, ends when idle).
         self._lock = threading.Condition()
         self._queue: collections.deque[_Unit] = collections.deque()
@@ -295,6 +297,7 @@ class WriteThroughStorage(BaseStorage):
     def _commit(self, operations: list[Operation]) -> None:
         """Run the writes in one transaction; retry while the database is unreachable. Writer thread only."""
         delay = 0.5
+        self._retrying = False
         while True:
             try:
                 with self.rdb.engine.begin() as connection:
@@ -305,6 +308,9 @@ class WriteThroughStorage(BaseStorage):
             except sqlalchemy.exc.DBAPIError as exc:
                 if not _unreachable(exc):
                     raise
+                # A connection lost during COMMIT leaves it unknown whether the transaction landed: the retry
+                # must not insert a row twice, so it updates rows that are there (_put, _insert_trial).
+                self._retrying = True
                 # One window per storage (one study), from the first failed commit: commits that fail later in
                 # the same outage do not extend it. The last try is at the window's end, then it fails.
                 now = time.monotonic()
@@ -319,7 +325,27 @@ class WriteThroughStorage(BaseStorage):
                 wait = min(delay, deadline - now)
                 log.warning("study storage unreachable, retrying in %.1f s: %s", wait, exc.orig or exc)
                 time.sleep(wait)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    def _put(self, connection: sqlalchemy.Connection, table: sqlalchemy.Table, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Insert a row; on a retry, update it instead if the last try did land. (This storage is its study's only
+        writer, so nothing else adds the row in between.)"""
+        if self._retrying:
+            where = sqlalchemy.and_(*(table.c[name] == value for name, value in key.items()))
+            if connection.execute(table.update().where(where).values(**values)).rowcount:
+                return
+        connection.execute(table.insert().values(**key, **values))
+
+    def _insert_trial(self, connection: sqlalchemy.Connection, db_study: int, number: int, row: dict[str, Any]) -> int:
+        """The trial's row (a retry finds the one its last try may have committed: no study has a number twice)."""
+        table = models.TrialModel.__table__
+        if self._retrying:
+            found = connection.execute(sqlalchemy.select(table.c.trial_id).where(
+                (table.c.study_id == db_study) & (table.c.number == number))).scalar()
+            if found is not None:
+                connection.execute(table.update().where(table.c.trial_id == found).values(**row))
+                return found
+        return connection.execute(table.insert().values(study_id=db_study, number=number, **row)).inserted_primary_key[0]
 
     # -- studies (opening and deleting are rare: straight to Optuna's RDBStorage) ----
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
@@ -375,7 +401,7 @@ class WriteThroughStorage(BaseStorage):
             if existed:
                 connection.execute(table.update().where((table.c.study_id == db_study) & (table.c.key == key)).values(value_json=value_json))
             else:
-                connection.execute(table.insert().values(study_id=db_study, key=key, value_json=value_json))
+                self._put(connection, table, {"study_id": db_study, "key": key}, {"value_json": value_json})
 
         self._write(write)
 
@@ -414,22 +440,20 @@ class WriteThroughStorage(BaseStorage):
         rows = _template_rows(frozen) if template_trial is not None else []  # enqueued trials: all they carry
 
         def insert(connection: sqlalchemy.Connection) -> None:
-            result = connection.execute(models.TrialModel.__table__.insert().values(
-                number=frozen.number, study_id=db_study, state=frozen.state, datetime_start=_utc(frozen.datetime_start),
-                datetime_complete=_utc(frozen.datetime_complete),
-            ))
-            db_trial = result.inserted_primary_key[0]
+            db_trial = self._insert_trial(connection, db_study, frozen.number, {
+                "state": frozen.state, "datetime_start": _utc(frozen.datetime_start), "datetime_complete": _utc(frozen.datetime_complete),
+            })
             self._trial_ids[memory_trial] = db_trial
-            for table, row in rows:
-                connection.execute(table.insert().values(trial_id=db_trial, **row))
+            for table, key, values in rows:
+                self._put(connection, table, {"trial_id": db_trial, **key}, values)
 
         self._write(insert)
         return memory_trial
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution) -> None:
         self._memory.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-        row = {"param_name": param_name, "param_value": param_value_internal, "distribution_json": distribution_to_json(distribution)}
-        self._write(lambda c: c.execute(models.TrialParamModel.__table__.insert().values(trial_id=self._trial_ids[trial_id], **row)))
+        row = {"param_value": param_value_internal, "distribution_json": distribution_to_json(distribution)}
+        self._write(lambda c: self._put(c, models.TrialParamModel.__table__, {"trial_id": self._trial_ids[trial_id], "param_name": param_name}, row))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         before = self._memory.get_trial(trial_id).state
@@ -443,15 +467,14 @@ class WriteThroughStorage(BaseStorage):
             change["datetime_start"] = _utc(frozen.datetime_start)
         if state.is_finished():
             change["datetime_complete"] = _utc(frozen.datetime_complete)
+        rows = [models.TrialValueModel.value_to_stored_repr(value) for value in values or ()]
 
         def update(connection: sqlalchemy.Connection) -> None:
             db_trial = self._trial_ids[trial_id]
             connection.execute(table.update().where(table.c.trial_id == db_trial).values(**change))
-            for objective, value in enumerate(values or ()):
-                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-                connection.execute(models.TrialValueModel.__table__.insert().values(
-                    trial_id=db_trial, objective=objective, value=stored, value_type=kind,
-                ))
+            for objective, (stored, kind) in enumerate(rows):
+                self._put(connection, models.TrialValueModel.__table__, {"trial_id": db_trial, "objective": objective},
+                          {"value": stored, "value_type": kind})
 
         self._write(update)
         return True
@@ -468,7 +491,7 @@ class WriteThroughStorage(BaseStorage):
             if existed:
                 connection.execute(table.update().where((table.c.trial_id == db_trial) & (table.c.step == step)).values(**row))
             else:
-                connection.execute(table.insert().values(trial_id=db_trial, step=step, **row))
+                self._put(connection, table, {"trial_id": db_trial, "step": step}, row)
 
         self._write(write)
 
@@ -490,7 +513,7 @@ class WriteThroughStorage(BaseStorage):
             if existed:
                 connection.execute(table.update().where((table.c.trial_id == db_trial) & (table.c.key == key)).values(value_json=value_json))
             else:
-                connection.execute(table.insert().values(trial_id=db_trial, key=key, value_json=value_json))
+                self._put(connection, table, {"trial_id": db_trial, "key": key}, {"value_json": value_json})
 
         self._write(write)
 
@@ -511,23 +534,24 @@ class WriteThroughStorage(BaseStorage):
         return self._memory.get_best_trial(study_id)
 
 
-def _template_rows(frozen: FrozenTrial) -> list[tuple[sqlalchemy.Table, dict[str, Any]]]:
-    """The rows besides the trial's own that Optuna's schema keeps for a trial made from a template."""
-    rows: list[tuple[sqlalchemy.Table, dict[str, Any]]] = []
+def _template_rows(frozen: FrozenTrial) -> list[tuple[sqlalchemy.Table, dict[str, Any], dict[str, Any]]]:
+    """The rows besides the trial's own that Optuna's schema keeps for a trial made from a template:
+    (table, key besides trial_id, values)."""
+    rows: list[tuple[sqlalchemy.Table, dict[str, Any], dict[str, Any]]] = []
     for objective, value in enumerate(frozen.values or ()):
         stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-        rows.append((models.TrialValueModel.__table__, {"objective": objective, "value": stored, "value_type": kind}))
+        rows.append((models.TrialValueModel.__table__, {"objective": objective}, {"value": stored, "value_type": kind}))
     for name, value in frozen.params.items():
         distribution = frozen.distributions[name]
-        rows.append((models.TrialParamModel.__table__, {"param_name": name, "param_value": distribution.to_internal_repr(value),
-                                                        "distribution_json": distribution_to_json(distribution)}))
+        rows.append((models.TrialParamModel.__table__, {"param_name": name},
+                     {"param_value": distribution.to_internal_repr(value), "distribution_json": distribution_to_json(distribution)}))
     for table, attrs in ((models.TrialUserAttributeModel.__table__, frozen.user_attrs),
                          (models.TrialSystemAttributeModel.__table__, frozen.system_attrs)):
-        rows.extend((table, {"key": key, "value_json": json.dumps(value)}) for key, value in attrs.items())
+        rows.extend((table, {"key": key}, {"value_json": json.dumps(value)}) for key, value in attrs.items())
     for step, value in frozen.intermediate_values.items():
         stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-        rows.append((models.TrialIntermediateValueModel.__table__, {"step": step, "intermediate_value": stored,
-                                                                    "intermediate_value_type": kind}))
+        rows.append((models.TrialIntermediateValueModel.__table__, {"step": step},
+                     {"intermediate_value": stored, "intermediate_value_type": kind}))
     return rows
 
 

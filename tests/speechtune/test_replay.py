@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path, PurePath
 
 import pytest
@@ -71,6 +73,7 @@ def test_fewer_epochs_print_the_first_epochs_and_a_resumed_run_continues_where_t
     assert [line.step for line in high if not line.final] == [3, 4, 5]
     assert [line.metrics for line in high if not line.final] == recorded["steps"][2:]
     first, second = backend.ledger
+    assert not first.full_fidelity and second.full_fidelity  # only a full-kind run to the last epoch is a result
     cpu, wall = recorded["cpu_s"], recorded["wall_s"]
     tail = recorded["run_wall_s"] - wall[-1]
     assert first.wall_s == pytest.approx(wall[1] + tail)  # set-up + 2 epochs + the tail
@@ -172,3 +175,17 @@ def test_a_pruned_run_pays_only_for_the_epochs_it_reported(recording, tmp_path):
     by_number = {charge.number: charge for charge in backend.ledger}
     for trial in engine.trials():
         assert max(trial.intermediate_values) == by_number[trial.number].last
+
+
+def test_the_replay_benchmark_runs_on_a_recording_and_ends_with_its_json_line(tmp_path):
+    bench = RECORDING.parents[1] / "ladder_replay.py"
+    done = subprocess.run([sys.executable, str(bench), "--recording", str(RECORDING), "--cost", "wall", "--seeds", "2", "--jobs", "1",
+                           "--arms", "random", "tpe", "ladder-data", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["best_arm"] == "ladder-data" and last["seeds"] == 2
+    assert {"share_of_budget_to_random_final", "best_wer_at_budget", "tpe_best_wer_at_budget"} <= set(last)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["arms"]) == {"random", "tpe", "ladder-data"}
+    assert report["arms"]["ladder-data"]["spec"]["initialTrials"] >= 3

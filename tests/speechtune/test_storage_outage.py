@@ -24,7 +24,7 @@ from speechtune.executor import Executor
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 from tests.support.postgres import postgres_server
 
-WINDOW = 4.0  # the affected study's retry window, seconds
+WINDOW = 6.0  # the affected study's retry window, seconds
 EPOCHS = 4
 PACE = 0.05  # seconds between a trainer's lines
 
@@ -110,12 +110,15 @@ def test_a_database_outage_holds_up_only_its_own_study_never_the_loop():
             # 1. An outage shorter than the window: ridden out.
             short = time.monotonic()
             await asyncio.to_thread(down.stop)
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)
             await asyncio.to_thread(down.start)
             short_back = time.monotonic()
-            await asyncio.sleep(1.5)
-            assert not affected_run.done(), affected_run.exception()
-            assert any(moment > short_back for moment in affected_backend.launched), "the affected study goes on after the outage"
+            while not any(moment > short_back for moment in affected_backend.launched):  # retried 2 s apart at most
+                assert time.monotonic() < short_back + 3, "the affected study did not go on after the outage"
+                assert not affected_run.done(), affected_run.exception()
+                await asyncio.sleep(0.05)
+            resumed = max(affected_backend.launched) - short_back
+            await asyncio.sleep(1.0)
             # 2. An outage longer than the window: the study fails one window after its first failed commit.
             complete_before = {t.number for t in affected.trials((TrialState.COMPLETE,))}
             long = time.monotonic()
@@ -129,9 +132,9 @@ def test_a_database_outage_holds_up_only_its_own_study_never_the_loop():
             other.update_budget(max_trials=len(other.trials()))
             outcome = await other_run
             beat.cancel()
-            return short, short_back, long, first_failure, failed, complete_before, caught.value, outcome
+            return short, short_back, resumed, long, first_failure, failed, complete_before, caught.value, outcome
 
-        short, short_back, long, first_failure, failed, complete_before, error, outcome = asyncio.run(scenario())
+        short, short_back, resumed, long, first_failure, failed, complete_before, error, outcome = asyncio.run(scenario())
         down.start()
 
         # The loop never stalled: not during either outage, nor while the affected study retried.
@@ -139,16 +142,17 @@ def test_a_database_outage_holds_up_only_its_own_study_never_the_loop():
         during = [delay for moment, delay in late if short <= moment <= failed]
         print(f"heartbeat: worst delay {worst * 1000:.1f} ms over {len(late)} beats ({len(during)} during the outages); "
               f"affected study failed {failed - first_failure:.2f} s after its first failed commit "
-              f"({failed - long:.2f} s after the server stopped)")
+              f"({failed - long:.2f} s after the server stopped); after the short outage ({short_back - short:.1f} s) "
+              f"a new trial {resumed:.2f} s after the server was back")
         assert worst < 0.2, f"the event loop stalled for {worst:.2f} s"
         # The affected study waited exactly its window, from the first failure, then failed.
         assert WINDOW <= failed - first_failure < WINDOW + 0.5
-        assert "unreachable for 4 s" in str(error)
+        assert f"unreachable for {WINDOW:.0f} s" in str(error) and "127.0.0.1" in str(error)
         # The other study kept starting trials and taking their values through both outages, promptly.
         for began, ended in ((short, short_back), (long, failed)):
             assert sum(began < moment < ended for moment in other_backend.launched) >= 3
             lags = sorted(lag for moment, lag in other_backend.lags if began < moment < ended)
-            assert len(lags) >= 10 and lags[int(0.95 * (len(lags) - 1))] < 0.2, lags
+            assert len(lags) >= 10 and lags[int(0.95 * (len(lags) - 1))] < 0.5, lags
         assert outcome.state == "Succeeded", outcome.message
         stored = optuna.load_study(study_name="other", storage=healthy.url).trials
         assert [(t.number, t.state, t.intermediate_values) for t in stored] == \

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -222,6 +222,58 @@ async def apply_listing(backend: KubernetesJobBackend, kind: str, items: list[di
         apply("MODIFIED", item)
 
 
+async def follow_log(api: Api, namespace: str, pod: str, *, current: Callable[[], dict[str, Any] | None],
+                     news: asyncio.Event, stopped: Callable[[], bool], subject: str) -> AsyncIterator[bytes]:
+    """A pod's log from its start, followed until the pod has ended (``current()``: the pod as the
+    watches last saw it, None once deleted); after a drop, resumed from the last line's timestamp.
+
+    A stream that ends or fails while the pod has not ended (its status may lag behind its end, the
+    API server may be away) is reopened after a backoff (logs.Backoff: 0.5 s doubling to 10 s, reset
+    by each new line), or as soon as ``news`` (set by the watches) says the pod changed.
+    """
+    logs = path("pods", namespace, pod, "log")
+    cursor = LogCursor()
+    backoff = Backoff()
+    refused = False
+
+    def version(obj: dict[str, Any] | None) -> str | None:
+        return None if obj is None else obj["metadata"].get("resourceVersion")
+
+    while not stopped():
+        seen = current()
+        finished = seen is None or exits.terminated(seen) is not None
+        params: dict[str, Any] = {"container": CONTAINER, "timestamps": True, "follow": not finished,
+                                  "sinceTime": cursor.since_time()}
+        try:
+            async for raw in api.stream(logs, params, idle_timeout=LOG_IDLE_SECONDS):
+                text = cursor.accept(raw)
+                if text is not None:
+                    backoff.reset()
+                    yield text
+        except ApiError as error:
+            if error.status in (400, 404) and finished:
+                return  # the pod (and its log) is gone
+            if error.status == 403 and not refused:  # RBAC: say so once, keep trying (a fix needs no restart)
+                log.warning("%s: cannot read the log of pod %s: %s", subject, pod, error)
+                refused = True
+            else:
+                log.debug("%s: log of %s not readable yet: %s", subject, pod, error)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            log.debug("%s: log stream of %s dropped or idle, resuming: %s", subject, pod, error)
+        else:
+            if finished:
+                return
+        # Again at once if the pod changed while its log was read; else after the backoff, or on news of the
+        # pod from the watches (its end, a relist once the API server is back). Nobody else waits on this
+        # news while the log is read: clearing it is safe.
+        news.clear()
+        if version(current()) == version(seen):
+            try:
+                await asyncio.wait_for(news.wait(), backoff.next())
+            except asyncio.TimeoutError:
+                pass
+
+
 def refused(error: ApiError, what: str) -> ApiError | LaunchError:
     """A request that cannot succeed (retrying will not help) as a LaunchError naming ``what``; others as they are."""
     return LaunchError(f"{what}: {error}") if error.status in (400, 403, 422) else error
@@ -304,55 +356,13 @@ class KubernetesRun:
             await self._news()
 
     async def _follow(self, pod: str) -> AsyncIterator[bytes]:
-        """One pod's log, followed; after a drop, resumed from the last line's timestamp.
-
-        A stream that ends or fails while the pod has not ended (its status may lag behind its end, the
-        API server may be away) is reopened after a backoff (logs.Backoff: 0.5 s doubling to 10 s, reset
-        by each new line), or as soon as the watches bring news of the run (its pod's end, say).
-        """
-        logs = path("pods", self.backend.namespace, pod, "log")
-        cursor = LogCursor()
-        backoff = Backoff()
-        refused = False
-
-        def version(obj: dict[str, Any] | None) -> str | None:
-            return None if obj is None else obj["metadata"].get("resourceVersion")
-
-        while not self._stopped:
-            current = self.backend.pods.get(self.key, {}).get(pod)
-            finished = current is None or exits.terminated(current) is not None
-            params: dict[str, Any] = {"container": CONTAINER, "timestamps": True, "follow": not finished,
-                                      "sinceTime": cursor.since_time()}
-            try:
-                async for raw in self.backend.api.stream(logs, params, idle_timeout=LOG_IDLE_SECONDS):
-                    text = cursor.accept(raw)
-                    if text is not None:
-                        backoff.reset()
-                        self._remember(text)
-                        yield text
-            except ApiError as error:
-                if error.status in (400, 404) and finished:
-                    return  # the pod (and its log) is gone
-                if error.status == 403 and not refused:  # RBAC: say so once, keep trying (a fix needs no restart)
-                    log.warning("trial %s: cannot read the log of pod %s: %s", self.number, pod, error)
-                    refused = True
-                else:
-                    log.debug("trial %s: log of %s not readable yet: %s", self.number, pod, error)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                log.debug("trial %s: log stream of %s dropped or idle, resuming: %s", self.number, pod, error)
-            else:
-                if finished:
-                    return
-            # Again at once if the pod changed while its log was read; else after the backoff, or on news of the
-            # run from the watches (the pod's end, a relist once the API server is back). Nobody else waits on
-            # this run's news while its lines are read (wait() comes after): clearing it is safe.
-            changed = self.backend.changed(self.key)
-            changed.clear()
-            if version(self.backend.pods.get(self.key, {}).get(pod)) == version(current):
-                try:
-                    await asyncio.wait_for(changed.wait(), backoff.next())
-                except asyncio.TimeoutError:
-                    pass
+        """One pod's log of this run's Job (follow_log)."""
+        async for text in follow_log(self.backend.api, self.backend.namespace, pod,
+                                     current=lambda: self.backend.pods.get(self.key, {}).get(pod),
+                                     news=self.backend.changed(self.key), stopped=lambda: self._stopped,
+                                     subject=f"trial {self.number}"):
+            self._remember(text)
+            yield text
 
     def _remember(self, text: bytes) -> None:
         if parse_line(text) is None and text.strip():

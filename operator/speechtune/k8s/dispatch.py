@@ -10,7 +10,6 @@ storage: values travel only through pod logs, as with one Job per run.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Protocol
 

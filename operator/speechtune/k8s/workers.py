@@ -27,21 +27,17 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-
-import aiohttp
 
 from speechtune import metrics, spec
 from speechtune.backend import Exit, TrialLaunch
 from speechtune.k8s import exits
 from speechtune.k8s.api import Api, ApiError, path
-from speechtune.k8s.backend import KubernetesJobBackend, KubernetesRun, refused
+from speechtune.k8s.backend import KubernetesJobBackend, follow_log, refused
 from speechtune.k8s.dispatch import Dispatch
-from speechtune.k8s.logs import LogCursor
 from speechtune.k8s.manifests import (
-    CONTAINER, RUN_ANNOTATION, SECRET_ANNOTATION, TOKEN_ANNOTATION, WORKER_LABEL, JobOptions, Owner, build_worker_job, build_worker_secret,
+    RUN_ANNOTATION, SECRET_ANNOTATION, TOKEN_ANNOTATION, WORKER_LABEL, JobOptions, Owner, build_worker_job, build_worker_secret,
     worker_name,
 )
 from speechtune.local import LaunchError
@@ -53,7 +49,6 @@ log = logging.getLogger(__name__)
 
 IDLE_RETIRE_SECONDS = 60.0  # an idle worker holds a GPU for nothing: retire it after this long
 CHECK_SECONDS = 2.0  # pending timeouts, idle accounting
-LOG_RETRY = (0.5, 10.0)  # first and longest wait before reopening a worker's log stream
 STOPPED = Exit(False, None, "Stopped", "stopped by the operator")
 
 
@@ -144,7 +139,8 @@ class PodWorker:
         self.idle_since: float | None = None  # when its pod last became idle (None: busy, or not running yet)
         self.idle_counted = 0.0  # up to when its idle time is in speechtune_worker_idle_seconds
         self.warned = False  # about an ignored line, for its current run
-        self.changed = asyncio.Event()
+        self.changed = asyncio.Event()  # for its pod's long poll: something to tell it
+        self.pod_news = asyncio.Event()  # for its log follower: the watch saw its pod change
         self.follower: asyncio.Task | None = None
 
     @property
@@ -445,13 +441,18 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
         index = _worker_index(pod)
         if index is None:
             return super()._on_pod(event, pod)
+        worker = self.workers.get(index)
         if event == "DELETED":
             self._worker_pods.pop(index, None)
+            if worker is not None and worker.pod is not None and worker.pod["metadata"]["name"] == pod["metadata"]["name"]:
+                worker.pod = None  # its log follower ends, and its run with it
+                worker.pod_news.set()
             return
         self._worker_pods[index] = pod  # a Job with backoffLimit 0 has one pod
-        if index in self.workers:
-            self.workers[index].pod = pod
-            self._refresh(self.workers[index])
+        if worker is not None:
+            worker.pod = pod
+            worker.pod_news.set()
+            self._refresh(worker)
 
     def _refresh(self, worker: PodWorker) -> None:
         if worker.follower is None and worker.pod is not None and exits.started(worker.pod):
@@ -468,35 +469,9 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
     async def _follow(self, worker: PodWorker) -> None:
         """The worker pod's log from its start, line by line, then what its end means for its run."""
         assert worker.pod is not None
-        name = worker.pod["metadata"]["name"]
-        logs = path("pods", self.namespace, name, "log")
-        cursor, delay, refused = LogCursor(), LOG_RETRY[0], False
-        while True:
-            finished = worker.pod is None or exits.terminated(worker.pod) is not None
-            params = {"container": CONTAINER, "timestamps": True, "follow": not finished, "sinceTime": cursor.since_time()}
-            try:
-                async for raw in self.api.stream(logs, params, idle_timeout=120):
-                    text = cursor.accept(raw)
-                    if text is not None:
-                        delay = LOG_RETRY[0]
-                        worker.take(text)
-            except ApiError as error:
-                if error.status == 403 and not refused:  # RBAC: say so once, keep trying (a fix needs no restart)
-                    log.warning("warm worker %s: cannot read the log of pod %s: %s", worker.name, name, error)
-                    refused = True
-                if error.status not in (400, 404) or not finished:
-                    log.debug("%s: log not readable yet: %s", name, error)
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, LOG_RETRY[1])
-                    continue
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, LOG_RETRY[1])
-                continue
-            if finished:
-                break
-            await asyncio.sleep(delay)  # the stream ended but the pod's status says it runs: it lags
-            delay = min(2 * delay, LOG_RETRY[1])
+        async for text in follow_log(self.api, self.namespace, worker.pod["metadata"]["name"], current=lambda: worker.pod,
+                                     news=worker.pod_news, stopped=lambda: False, subject=f"warm worker {worker.name}"):
+            worker.take(text)
         state = exits.terminated(worker.pod) if worker.pod is not None else None
         await self._ended(worker, state or {})
 

@@ -13,7 +13,6 @@ import urllib.request
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from speechtune import fake_trainer
