@@ -4,6 +4,7 @@ import threading
 import time
 
 import optuna
+import sqlalchemy
 import pytest
 from optuna.trial import TrialState
 
@@ -114,3 +115,38 @@ def test_the_retry_window_is_one_per_study_from_the_first_failed_commit():
         server.start()
         trials[0].report(0.2, 2)  # the database is back: a new outage would get a new window
         assert optuna.load_study(study_name="s", storage=server.url).trials[0].intermediate_values == {2: 0.2}
+
+
+def test_a_commit_whose_outcome_is_unknown_is_retried_without_writing_anything_twice(database_url):
+    """A connection lost during COMMIT (PostgreSQL stopped at that moment) leaves it unknown whether the transaction
+    landed. Retrying it inserted its rows again: an IntegrityError that stopped the study (seen when the chaos test
+    stopped PostgreSQL mid-study), or, for a new trial, a second row with the same trial number."""
+    storage = WriteThroughStorage(open_rdb(database_url), retry_seconds=10)
+    study = optuna.create_study(study_name="s", storage=storage)
+    lose = []
+
+    def lands_but_the_answer_is_lost(connection):
+        if lose:
+            lose.pop()
+            connection.connection.dbapi_connection.commit()
+            raise sqlalchemy.exc.OperationalError("COMMIT", None, ConnectionError("server closed the connection unexpectedly"))
+
+    sqlalchemy.event.listen(storage.rdb.engine, "commit", lands_but_the_answer_is_lost)
+    distributions = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    writes = [
+        lambda: study.ask(distributions),
+        lambda: optuna.Trial(study, study.trials[0]._trial_id).report(0.5, 1),
+        lambda: optuna.Trial(study, study.trials[0]._trial_id).set_user_attr("metrics", {"wer": 0.5}),
+        lambda: study.set_user_attr("objective", "wer"),
+        lambda: study.tell(0, 0.5),
+        lambda: study.enqueue_trial({"lr": 1e-3}, user_attrs={"requeued_from": 0}),
+    ]
+    for write in writes:
+        lose.append(True)
+        write()
+        assert not lose, "the commit was made to fail"
+    plain = optuna.load_study(study_name="s", storage=database_url)
+    assert [(t.number, t.state, t.params, t.intermediate_values, t.values, t.user_attrs) for t in plain.trials] == [
+        (t.number, t.state, t.params, t.intermediate_values, t.values, t.user_attrs) for t in study.trials
+    ]
+    assert len(plain.trials) == 2 and plain.user_attrs == {"objective": "wer"}

@@ -24,7 +24,7 @@ from speechtune.executor import Executor
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb
 from tests.support.postgres import postgres_server
 
-WINDOW = 6.0  # the affected study's retry window, seconds
+WINDOW = 8.0  # the affected study's retry window, seconds
 EPOCHS = 4
 PACE = 0.05  # seconds between a trainer's lines
 

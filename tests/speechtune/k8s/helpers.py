@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -119,3 +120,26 @@ def wait_for_study_end(cluster, namespace: str, name: str, timeout: float) -> di
         return status if status.get("state") in ("Succeeded", "Failed") else {}
 
     return wait_until(ended, timeout=timeout, what=f"study {name} to finish")
+
+
+def survive_kills(cluster, namespace: str, study: str, storage_url: str, log_path, rng, timeout: float,
+                  extra_env: dict | None = None) -> tuple[dict, list[dict]]:
+    """Run the operator as its own process, SIGKILL it three times while ``study``'s trials run (a
+    fresh one each time), and let the last one finish the study; its final status and Jobs."""
+    port = free_port()
+    operator = start_operator(cluster, namespace, storage_url, log_path, port, extra_env)
+    try:
+        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
+        for _ in range(3):
+            time.sleep(rng.uniform(2, 6))
+            wait_until(lambda: study_status(cluster, namespace, study).get("trials", {}).get("running"),
+                       timeout=30, what="trials running when the operator is killed")
+            os.kill(operator.pid, signal.SIGKILL)
+            operator.wait()
+            operator = start_operator(cluster, namespace, storage_url, log_path, port, extra_env)
+        status = wait_for_study_end(cluster, namespace, study, timeout=timeout)
+        jobs = get_json(cluster, "jobs", "-n", namespace, "-l", f"speechtune.io/study={study}")["items"]
+    finally:
+        delete_studies(cluster, namespace)
+        stop_operator(operator)
+    return status, jobs

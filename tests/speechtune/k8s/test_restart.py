@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
-import signal
-import time
 
 import optuna
 import pytest
@@ -16,10 +13,7 @@ from optuna.trial import TrialState
 
 from speechtune import fake_trainer
 from speechtune.backend import format_value
-from tests.speechtune.k8s.helpers import (
-    stop_operator,
-    delete_studies, free_port, get_json, healthy, small_study, start_operator, study_status, wait_for_study_end, wait_until,
-)
+from tests.speechtune.k8s.helpers import small_study, survive_kills
 
 pytestmark = pytest.mark.cluster
 
@@ -30,24 +24,8 @@ def test_operator_killed_three_times_loses_nothing(crds, kube_namespace, postgre
     body = small_study("survivor", ["--epochs", "9", "--sleep", "0.3", f"--ledger={ledger}"], maxTrials=30, parallelism=4,
                        maxFailedTrials=3, pruner={"type": "median", "startupTrials": 4, "warmupSteps": 3})
     cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
-    rng = random.Random(7)
     log_path = tmp_path / "operator.log"
-    port = free_port()
-    operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-    try:
-        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
-        for _ in range(3):
-            time.sleep(rng.uniform(2, 6))
-            wait_until(lambda: study_status(cluster, kube_namespace, "survivor").get("trials", {}).get("running"),
-                       timeout=30, what="trials running when the operator is killed")
-            os.kill(operator.pid, signal.SIGKILL)
-            operator.wait()
-            operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-        status = wait_for_study_end(cluster, kube_namespace, "survivor", timeout=180)
-        jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=survivor")["items"]
-    finally:
-        delete_studies(cluster, kube_namespace)
-        stop_operator(operator)
+    status, jobs = survive_kills(cluster, kube_namespace, "survivor", postgres_url, log_path, random.Random(7), timeout=180)
     assert status["state"] == "Succeeded", (status, log_path.read_text()[-3000:])
     study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
     trials = study.get_trials()

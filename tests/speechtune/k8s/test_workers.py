@@ -18,8 +18,7 @@ from optuna.trial import TrialState
 from speechtune import fake_trainer
 from speechtune.backend import format_value
 from tests.speechtune.k8s.helpers import (
-    REPO, delete_studies, events, free_port, get_json, healthy, operator_running, small_study, start_operator, stop_operator,
-    study_status, wait_for_study_end, wait_until,
+    REPO, events, free_port, get_json, operator_running, small_study, study_status, survive_kills, wait_for_study_end, wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -80,24 +79,9 @@ def test_warm_study_survives_three_operator_kills_with_no_run_twice_and_no_value
     body = warm(small_study("warm-survivor", ["--epochs", "9", "--sleep", "0.3", f"--ledger={ledger}"], maxTrials=24,
                             parallelism=4, maxFailedTrials=3, pruner={"type": "median", "startupTrials": 4, "warmupSteps": 3}))
     cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
-    rng = random.Random(11)
     log_path = tmp_path / "operator.log"
-    port, env = free_port(), dispatch_env()
-    operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port, env)
-    try:
-        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
-        for _ in range(3):
-            time.sleep(rng.uniform(2, 6))
-            wait_until(lambda: study_status(cluster, kube_namespace, "warm-survivor").get("trials", {}).get("running"),
-                       timeout=30, what="trials running when the operator is killed")
-            os.kill(operator.pid, signal.SIGKILL)
-            operator.wait()
-            operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port, env)
-        status = wait_for_study_end(cluster, kube_namespace, "warm-survivor", timeout=240)
-        jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=warm-survivor")["items"]
-    finally:
-        delete_studies(cluster, kube_namespace)
-        stop_operator(operator)
+    status, jobs = survive_kills(cluster, kube_namespace, "warm-survivor", postgres_url, log_path, random.Random(11),
+                                 timeout=240, extra_env=dispatch_env())
     left = wait_until(lambda: not pods(cluster, kube_namespace, "warm-survivor") or None, timeout=60,
                       what="no pod of the study left after it was deleted") if pods(cluster, kube_namespace, "warm-survivor") else True
     assert left
@@ -157,7 +141,7 @@ def test_a_worker_killed_mid_run_fails_its_trial_with_the_reason_and_the_study_g
     assert status["trials"]["failed"] == 1 and status["trials"]["complete"] == 2, status
     assert failed["state"] == "Failed" and failed["reason"] == "WorkerDied", failed
     assert "killed-worker-1" in failed["message"] and "137" in failed["message"], failed
-    assert not marked_processes(mark), "a trainer outlived its worker pod"
+    wait_until(lambda: not marked_processes(mark), 30, "no worker process left once the study ended (retired, then deleted)")
 
 
 def marked_processes(mark: str) -> list[int]:

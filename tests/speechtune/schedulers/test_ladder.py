@@ -272,8 +272,23 @@ def test_a_constant_objective_promotes_by_the_levels_rank_metric(tmp_path, mode)
     engine, outcome, events = run_in_process(tmp_path, manifest, MetricsBackend())
     assert outcome.state == "Succeeded", outcome.message
     assert {t.intermediate_values[0] for t in engine.trials()} == {1.0}, "WER is the same for every configuration at low"
-    assert promoted(engine) == best_by(engine, "val_loss", 4)
     assert any(e.kind == "promoted" and "val_loss" in e.message for e in events)
+    if mode == "synchronous":
+        assert promoted(engine) == best_by(engine, "val_loss", 4)
+        return
+    # ASHA: each promotion is in the top 1/4 by val_loss of the low results so far, or, once all 16 are in,
+    # the best by val_loss of those not promoted yet
+    loss = {t.number: t.user_attrs["metrics_low"]["val_loss"] for t in engine.trials()}
+    done, moved = [], []
+    for event in events:
+        if event.kind == "level-done" and event.message.startswith("low:"):
+            done.append(event.number)
+        elif event.kind == "promoted":
+            ranked = sorted(done, key=loss.__getitem__)
+            fill = [n for n in ranked if n not in moved][: 4 - len(moved)] if len(done) == 16 else []
+            assert event.number in ranked[: len(done) // 4] or event.number in fill, (event, ranked)
+            moved.append(event.number)
+    assert len(moved) == 4
 
 
 def test_ties_of_the_rank_metric_are_broken_by_the_tie_break_metric_not_the_trial_number(tmp_path):
@@ -344,9 +359,13 @@ def test_hyperband_brackets_start_their_configurations_at_higher_levels(tmp_path
     assert [min(t.intermediate_values) for t in by_bracket[1]] == [1] * 12, "bracket 1 starts at medium"
     assert [set(t.intermediate_values) for t in by_bracket[2]] == [{2}] * 12
     assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 22, TrialState.PRUNED: 18}
-    # promotions stay in their bracket: bracket 1's best half of its 12 medium runs, by WER
+    # promotions stay in their bracket: 6 of bracket 1's 12 medium runs go on (synchronous: exactly its best half by WER;
+    # ASHA promotes the top 1/eta of the results so far, which depends on the order runs end in)
     medium = sorted(by_bracket[1], key=lambda t: (t.intermediate_values[1], t.user_attrs["finished_medium"]))
-    assert {t.number for t in by_bracket[1] if 2 in t.intermediate_values} == {t.number for t in medium[:6]}
+    promoted_in_bracket_1 = {t.number for t in by_bracket[1] if 2 in t.intermediate_values}
+    assert len(promoted_in_bracket_1) == 6
+    if mode == "synchronous":
+        assert promoted_in_bracket_1 == {t.number for t in medium[:6]}
     # correlation pairs come from every bracket that ran both levels
     assert engine.study.user_attrs[CORRELATIONS]["medium->high"]["pairs"] == 4 + 6
     statuses = engine.scheduler.bracket_status()
