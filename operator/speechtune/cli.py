@@ -21,7 +21,7 @@ from speechtune.executor import Event, Executor, Outcome
 from speechtune.local import LocalProcessBackend
 from speechtune.schedulers.stages import describe_result
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
-from speechtune.workers import WarmWorkerBackend
+from speechtune.workers import WarmWorkerBackend, saving
 
 DEFAULT_STORAGE = "sqlite:///speechtune.db"
 EXIT_FAILED, EXIT_INVALID = 1, 2
@@ -118,6 +118,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         outcome = asyncio.run(_run_study(engine, backend))
     console.print(leaderboard.table(engine.study, study.objective.metric, args.top))
     _print_results(engine.study, console)
+    if warm and (said := saving(backend)):
+        console.print(said, highlight=False)
     colour = "green" if outcome.state == "Succeeded" else "red"
     console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
     console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)

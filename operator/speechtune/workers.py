@@ -90,6 +90,7 @@ class WarmRun(RelayedRun):
         self.log = open(log_path, "wb", buffering=0)
         self.grace = grace
         self.ignored = 0  # protocol lines its worker printed while it ran that were not for it
+        self.began = time.monotonic()
         self.stopping = False
 
     def finish(self, exit: Exit, cold: TrialRun | None = None) -> None:
@@ -121,6 +122,7 @@ class Worker:
         self.current: WarmRun | None = None
         self.killed = ""  # why the backend killed it, if it did
         self.idle_since: float | None = None  # up and without a run since (speechtune_worker_idle_seconds)
+        self.began = 0.0  # when it was started
 
     def send(self, request: dict) -> None:
         assert self.process.stdin is not None
@@ -150,6 +152,9 @@ class WarmWorkerBackend:
         self.workdir = Path(workdir)
         self.settings = workers
         self.started = 0  # workers started so far: warm mode's saving is the process starts it avoids
+        self.runs = 0  # runs launched in workers
+        self.run_seconds = 0.0  # their wall time, from being sent to their end
+        self.startup_seconds: list[float] = []  # each worker's start until it said ready: what a cold run pays too
         self.ignored_lines = 0  # protocol lines not for the run their worker executed
         self.labels = {"namespace": "", "study": ""}  # the metrics' labels: the executor's, once it has them
         self._workers: set[Worker] = set()  # alive
@@ -171,6 +176,7 @@ class WarmWorkerBackend:
         worker = self._idle.pop() if self._idle else await self._start(launch)
         self._count_idle(worker)
         worker.idle_since = None
+        self.runs += 1
         run = WarmRun(f"{launch.run_name}@{next(self._run_numbers)}", launch, worker,
                       self.workdir / f"{launch.run_name}.log", self.settings.stop_grace_seconds)
         run.log.write(f"# speechtune: run {run.id} in warm worker {worker.number} (pid {worker.process.pid}), "
@@ -206,6 +212,7 @@ class WarmWorkerBackend:
             raise LaunchError(f"cannot start trial {launch.number}: {launch.argv[0]}: {exc.strerror}") from exc
         self.started += 1
         worker = Worker(self.started, process, self.workdir / f"worker-{self.started}.log")
+        worker.began = time.monotonic()
         self._workers.add(worker)
         reader = asyncio.create_task(self._follow(worker), name=f"warm-worker-{worker.number}")
         self._readers.add(reader)
@@ -228,6 +235,7 @@ class WarmWorkerBackend:
         if not worker.ready:
             if message.get("worker") == READY:
                 worker.ready = True
+                self.startup_seconds.append(time.monotonic() - worker.began)
             else:  # a cold trainer's output: it ignored SPEECHTUNE_WORKER, and its reports count for nothing
                 signal_group(worker.process.pid, signal.SIGKILL)
             return
@@ -258,6 +266,7 @@ class WarmWorkerBackend:
         end = end if isinstance(end, dict) else {}
         worker.current = None
         worker.runs += 1
+        self.run_seconds += time.monotonic() - run.began
         worker.idle_since = time.monotonic()
         run.finish(exit_of(end))
         why = worn_out(self.settings, worker.runs, worker.rss_mib(), end)
@@ -314,6 +323,21 @@ class WarmWorkerBackend:
             run.finish(Exit(False, None, "LaunchError", str(error)))
             return
         run.finish(Exit(False), cold)
+
+
+def saving(backend: WarmWorkerBackend) -> str:
+    """What warm workers saved in a study, from its own numbers: the start-ups it avoided against
+    the time its runs took. Where that share is small, warm mode does not pay (docs/engine.md)."""
+    if not backend.startup_seconds or not backend.runs:
+        return ""
+    startup = sorted(backend.startup_seconds)[len(backend.startup_seconds) // 2]
+    avoided = max(0, backend.runs - backend.started)
+    share = avoided * startup / (backend.run_seconds + avoided * startup) if backend.run_seconds > 0 else 0.0
+    verdict = ("start-ups are a small share of this study's runs: warm mode gains little here"
+               if share < 0.2 else "warm mode pays off here")
+    return (f"warm workers: {backend.started} started for {backend.runs} runs; a start-up took {startup:.1f} s (median), "
+            f"so the {avoided} avoided saved about {avoided * startup:.0f} s, {share:.0%} of what the runs would have "
+            f"taken cold; {verdict}")
 
 
 def worn_out(limits: spec.Workers, runs: int, rss_mib: float | None, end: dict) -> str:

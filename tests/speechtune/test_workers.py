@@ -21,7 +21,7 @@ from speechtune.local import LocalProcessBackend
 from speechtune.protocol import parse_line
 from speechtune.record import FAIL_REASON
 from speechtune.storage import WriteThroughStorage, open_rdb
-from speechtune.workers import WarmWorkerBackend
+from speechtune.workers import WarmWorkerBackend, saving
 
 FAKE = (sys.executable, "-m", "speechtune.fake_trainer")
 PARAMS = {"lr": 0.001, "num_layers": 6}
@@ -276,3 +276,13 @@ def test_a_report_from_a_thread_a_run_left_behind_names_no_run(monkeypatch):
     reports = [line for line in lines if "step" in line]
     assert [(line.get("run"), line["wer"]) for line in reports] == [(None, 0.0), ("second", 0.5)]
     assert [line["end"]["exit_code"] for line in lines if "end" in line] == [0, 0]
+
+
+def test_the_study_is_told_whether_warm_workers_paid_off(tmp_path):
+    backend = WarmWorkerBackend(tmp_path, spec.Workers(mode="warm"))
+    assert saving(backend) == "", "nothing to say before any run"
+    backend.started, backend.runs, backend.startup_seconds = 2, 8, [17.0, 19.0]
+    backend.run_seconds = 8 * 30.0  # short runs: 6 start-ups of ~18 s against 240 s of runs
+    assert "pays off" in saving(backend) and "6 avoided" in saving(backend)
+    backend.run_seconds = 8 * 600.0  # long runs: the start-ups are noise
+    assert "gains little" in saving(backend)
