@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--storage", default=DEFAULT_STORAGE)
     status.add_argument("--top", type=int, default=10)
 
+    report_cmd = commands.add_parser("report", help="a study's report: one offline HTML file and a PNG per figure")
+    report_cmd.add_argument("study")
+    report_cmd.add_argument("--storage", default=DEFAULT_STORAGE)
+    report_cmd.add_argument("--out", type=Path, help="where the report goes (default: ./report-<study>)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args, console)
         if args.command == "status":
             return _status(args, console)
+        if args.command == "report":
+            return _report(args, console)
         return _run(args, console)
     except spec.SpecError as error:
         _print_problems(error, console)
@@ -123,6 +130,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     colour = "green" if outcome.state == "Succeeded" else "red"
     console.print(f"[{colour}]{outcome.state}[/{colour}]: {outcome.message}")
     console.print(f"leaderboard again: speechtune status {engine.study_name} --storage {redact(url)}", highlight=False)
+    _end_of_run_report(engine.study, workdir / "report", console)
     return 0 if outcome.state == "Succeeded" else EXIT_FAILED
 
 
@@ -151,6 +159,41 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     console.print(", ".join(f"{state.lower()} {count}" for state, count in sorted(counts.items())))
     _print_results(study, console)
     return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from speechtune import studyreport as report
+
+    if not report.matplotlib_available():
+        console.print(f"[red]error:[/red] speechtune report draws with matplotlib, which is not installed: {report.INSTALL_HINT}",
+                      highlight=False)
+        return EXIT_INVALID
+    try:
+        study = report.load_study(args.study, args.storage)
+    except report.ReportError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, markup=False)
+        return EXIT_INVALID
+    written = report.write(study, args.out or Path(f"report-{args.study}"))
+    for figure in written.figures:
+        if figure.png is None:
+            console.print(f"  {figure.id}: {figure.missing}", highlight=False, markup=False)
+    console.print(f"report: {written.html} ({len(written.pngs)} figures, {written.seconds:.1f} s)", highlight=False)
+    return 0
+
+
+def _end_of_run_report(study: optuna.Study, out: Path, console: Console) -> None:
+    """The study's report in the run's workdir; only a hint when matplotlib is missing, never a failed run."""
+    from speechtune import studyreport as report
+
+    if not report.matplotlib_available():
+        console.print(f"no study report: it needs matplotlib ({report.INSTALL_HINT})", highlight=False)
+        return
+    try:
+        written = report.write(study, out)
+    except Exception as error:  # the study ran; a report problem must not turn its exit code
+        console.print(f"[yellow]study report not written:[/yellow] {type(error).__name__}: {error}", highlight=False)
+        return
+    console.print(f"report: {written.html.resolve()}", highlight=False, soft_wrap=True)
 
 
 def _budget(study: spec.Study) -> str:

@@ -365,7 +365,7 @@ class Executor:
 @dataclass(frozen=True)
 class RunResult:
     value: float | None  # the final objective value; None when on_step stopped the run
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # each metric's last reported value (a ladder level may rank by one)
     stopped: bool = False
 
 
@@ -413,7 +413,7 @@ async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, fl
         if not math.isfinite(value):
             where = "final line" if line.final else f"step {line.step}"
             raise TrialFailed("NaN", f"objective {objective} is {value} at {where}")
-        last_metrics = line.metrics
+        last_metrics = {**last_metrics, **line.metrics}  # each metric's last value: a final line may carry only some
         if line.final:
             final_value = value
             continue

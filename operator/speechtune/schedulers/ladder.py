@@ -327,8 +327,8 @@ class Ladder(Scheduler):
                 continue
             value = result.metrics.get(metric)
             if value is None:
-                return TrialFailed("NoMetrics", f"level {self.fidelity.levels[level].name} ranks by {metric}, but the run's last "
-                                   f"protocol line has no {metric} (it has {', '.join(sorted(result.metrics)) or 'nothing'})")
+                return TrialFailed("NoMetrics", f"level {self.fidelity.levels[level].name} ranks by {metric}, but the run "
+                                   f"reported no {metric} (it reported {', '.join(sorted(result.metrics)) or 'nothing'})")
             if not math.isfinite(value):
                 return TrialFailed("NaN", f"rank metric {metric} is {value} at level {self.fidelity.levels[level].name}")
         return None

@@ -15,6 +15,7 @@ import json
 import math
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -63,6 +64,12 @@ def jobs(cluster, namespace: str, study: str) -> set[str]:
     return {job["metadata"]["name"] for job in get_json(cluster, "jobs", "-n", namespace, "-l", f"speechtune.io/study={study}")["items"]}
 
 
+def metrics_port(pid: int) -> str:
+    """The port start_operator gave the operator's /metrics (SPEECHTUNE_METRICS_PORT in its environment)."""
+    env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    return env["SPEECHTUNE_METRICS_PORT"]
+
+
 def ready(status: dict) -> dict:
     return next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
 
@@ -76,15 +83,14 @@ def test_one_studys_database_outage_stalls_neither_the_operator_nor_the_other_st
     cluster = crds
     args = ["--epochs", str(EPOCHS), "--sleep", "0.4"]
     log_path = tmp_path / "operator.log"
-    port, metrics_port = free_port(), free_port()
+    port = free_port()
     with postgres_server() as down, postgres_server() as up:
         for name, url in (("affected", down.url), ("other", up.url)):
             body = small_study(name, args, maxTrials=200, parallelism=2, maxFailedTrials=5, storage={"url": url})
             cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
         operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port,
-                                  extra_env={"SPEECHTUNE_STORAGE_RETRY_SECONDS": str(WINDOW),
-                                             "SPEECHTUNE_METRICS_PORT": str(metrics_port)})
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                                  extra_env={"SPEECHTUNE_STORAGE_RETRY_SECONDS": str(WINDOW)})
+        metrics_url = f"http://127.0.0.1:{metrics_port(operator.pid)}/metrics"
         try:
             wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
             wait_until(lambda: reporting(cluster, kube_namespace, "affected") and reporting(cluster, kube_namespace, "other"),

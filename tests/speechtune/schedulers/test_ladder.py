@@ -202,19 +202,21 @@ class MetricsRun:
     """A level run whose WER is the same for every configuration (a proxy where WER has not moved yet) while
     val_loss and cer do move: val_loss with the distance of lr from 3e-4, cer in coarse steps of n_mels."""
 
-    def __init__(self, launch, flat_wer: bool, final_metrics: tuple[str, ...], delay: float = 0.0):
+    def __init__(self, launch, flat_wer: bool, final_metrics: tuple[str, ...], delay: float = 0.0,
+                 reported: tuple[str, ...] = ("wer", "cer", "val_loss")):
         self.level, self.delay = launch.rung, delay
         lr, n_mels = float(launch.params["lr"]), int(launch.params["n_mels"])
         self.val_loss = round(abs(math.log10(lr) - math.log10(3e-4)), 6)
         self.cer = 0.1 * (n_mels // 48)  # 40..128 in 2 steps: many ties
         self.wer = 1.0 if flat_wer and self.level == 0 else round(0.2 + self.val_loss / 10, 6)
-        self.final_metrics = final_metrics
+        self.final_metrics, self.reported = final_metrics, reported
 
     async def lines(self):
-        metrics = {"wer": self.wer, "cer": self.cer, "val_loss": self.val_loss}
+        metrics = {name: value for name, value in {"wer": self.wer, "cer": self.cer, "val_loss": self.val_loss}.items()
+                   if name in self.reported}
         await asyncio.sleep(self.delay)
         yield json.dumps({"speechtune": 1, "step": 1, **metrics}).encode()
-        yield json.dumps({"speechtune": 1, "final": True, **{name: metrics[name] for name in self.final_metrics}}).encode()
+        yield json.dumps({"speechtune": 1, "final": True, **{name: metrics[name] for name in self.final_metrics if name in metrics}}).encode()
 
     async def wait(self):
         from speechtune.backend import Exit
@@ -230,13 +232,14 @@ class MetricsBackend:
 
     recovery_grace_seconds = 0.0
 
-    def __init__(self, flat_wer=True, final_metrics=("wer", "cer", "val_loss"), delay=lambda number: 0.0):
-        self.flat_wer, self.final_metrics, self.delay = flat_wer, final_metrics, delay
+    def __init__(self, flat_wer=True, final_metrics=("wer", "cer", "val_loss"), delay=lambda number: 0.0,
+                 reported=("wer", "cer", "val_loss")):
+        self.flat_wer, self.final_metrics, self.delay, self.reported = flat_wer, final_metrics, delay, reported
         self.launches = []
 
     async def launch(self, launch):
         self.launches.append((launch.number, launch.rung))
-        return MetricsRun(launch, self.flat_wer, self.final_metrics, self.delay(launch.number))
+        return MetricsRun(launch, self.flat_wer, self.final_metrics, self.delay(launch.number), self.reported)
 
     async def attach(self, study, number, attempt=""):
         return None
@@ -331,15 +334,23 @@ def test_the_proxy_correlation_compares_each_levels_rank_metric(tmp_path):
     assert any(e.kind == "proxy-unreliable" and "(by wer)" in e.message for e in events)
 
 
-def test_a_run_without_its_levels_rank_metric_fails_naming_it(tmp_path):
+def test_a_run_that_never_reports_its_levels_rank_metric_fails_naming_it(tmp_path):
     manifest = ladder_manifest(tmp_path, name="no-val-loss", initial=4, eta=2, parallelism=2,
                                levels=ranked_levels({"metric": "val_loss"}))
     manifest["spec"]["maxFailedTrials"] = 10
-    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend(final_metrics=("wer",)))
+    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend(reported=("wer", "cer")))
     failed = [t for t in engine.trials() if t.state == TrialState.FAIL]
     assert len(failed) == 4
     assert failed[0].user_attrs["fail_reason"] == "NoMetrics"
-    assert "level low ranks by val_loss, but the run's last protocol line has no val_loss" in failed[0].user_attrs["fail_message"]
+    assert "level low ranks by val_loss, but the run reported no val_loss (it reported cer, wer)" in failed[0].user_attrs["fail_message"]
+
+
+def test_a_level_ranks_by_its_metrics_last_value_when_the_final_line_omits_it(tmp_path):
+    manifest = ladder_manifest(tmp_path, name="final-wer-only", initial=8, eta=2, parallelism=2,
+                               levels=ranked_levels({"metric": "val_loss"}))
+    engine, outcome, _ = run_in_process(tmp_path, manifest, MetricsBackend(final_metrics=("wer",)))
+    assert outcome.state == "Succeeded", outcome.message
+    assert promoted(engine) == best_by(engine, "val_loss", 4)
 
 
 @pytest.mark.parametrize("mode", ["synchronous", "asynchronous"])
