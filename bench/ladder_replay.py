@@ -334,7 +334,7 @@ def level_table(recording: Recording) -> list[dict]:
 
 
 # -- the plot --------------------------------------------------------------------------------------
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+COLOURS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
            "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173", "#3182bd", "#e6550d", "#31a354"]
 
 
@@ -356,7 +356,7 @@ def plot(path: Path, anytime: dict, budget: float, title: str, order: list[str])
     xs = anytime["grid_share_of_budget"]
     values = [v for arm in order for v in anytime["median_best_wer"][arm] if v is not None]
     y_low = math.floor(min(values, default=0.0) * 20) / 20
-    y_high = min(1.0, math.ceil(max(values, default=1.0) * 20) / 20)
+    y_high = math.ceil(max(values, default=1.0) * 20) / 20
     if y_high <= y_low:
         y_high = y_low + 0.05
 
@@ -388,8 +388,9 @@ def plot(path: Path, anytime: dict, budget: float, title: str, order: list[str])
     draw.text(((left + width - right) / 2 - 150, height - 35), f"{unit} spent, as a share of B = {budget:.0f} {unit}",
               fill="black", font=font)
     draw.text((left, top - 20), "median over seeds of the best full-fidelity dev WER so far", fill="black", font=small)
+    palette = iter(COLOURS * 3)
     for index, arm in enumerate(order):
-        colour = COLOURS[index % len(COLOURS)]
+        colour = {"random": "#000000", "tpe": "#d62728"}.get(arm) or next(palette)
         points = [px(x, y) for x, y in zip(xs, anytime["median_best_wer"][arm]) if y is not None]
         line_width = 4 if arm in PLAIN else 2
         for a, b in zip(points, points[1:]):  # a step: the best so far changes when a run ends
@@ -425,8 +426,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", help="a subset of the arms (default: all the recording and the spec allow)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="studies replayed at once (processes)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ladder_replay.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "ladder_replay.png")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "ladder_replay.png"), help="the PNG ('' for none)")
     args = parser.parse_args()
+    args.plot = Path(args.plot) if args.plot else None
     global COST
     COST = args.cost
     began = time.monotonic()

@@ -200,15 +200,20 @@ def _budget(study: spec.Study) -> str:
     if study.stages:
         return "stages " + " -> ".join(f"{stage.name} ({stage.kind}{_stage_size(stage)})" for stage in study.stages)
     if study.fidelity:
-        return f"ladder {' -> '.join(map(str, study.fidelity.rung_sizes()))} over {len(study.fidelity.levels)} levels"
+        return f"ladder {_ladder_size(study.fidelity)} over {len(study.fidelity.levels)} levels"
     return f"{study.max_trials} trials"
+
+
+def _ladder_size(fidelity: spec.Fidelity) -> str:
+    """64 -> 16 -> 4, or with Hyperband brackets each bracket's sizes from its first level: 64 -> 16 -> 4 | 24 -> 6 | 12."""
+    return " | ".join(" -> ".join(str(size) for size in sizes if size) for sizes in fidelity.bracket_sizes())
 
 
 def _stage_size(stage: spec.Stage) -> str:
     if stage.kind in ("baseline", "validate"):
         return f", {stage.seeds} seed{'s' if stage.seeds > 1 else ''}"
     if stage.fidelity:
-        return f", ladder {' -> '.join(map(str, stage.fidelity.rung_sizes()))}"
+        return f", ladder {_ladder_size(stage.fidelity)}"
     return f", {stage.max_trials} trials"
 
 
