@@ -165,19 +165,19 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     from speechtune import studyreport as report
 
     if not report.matplotlib_available():
-        console.print(f"[red]error:[/red] speechtune report draws with matplotlib, which is not installed: {report.INSTALL_HINT}",
-                      highlight=False)
+        console.print(f"error: speechtune report draws with matplotlib, which is not installed: {report.INSTALL_HINT}",
+                      style="red", highlight=False, markup=False)
         return EXIT_INVALID
     try:
         study = report.load_study(args.study, args.storage)
     except report.ReportError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, markup=False)
+        console.print(f"error: {error}", style="red", highlight=False, markup=False)
         return EXIT_INVALID
     written = report.write(study, args.out or Path(f"report-{args.study}"))
     for figure in written.figures:
         if figure.png is None:
             console.print(f"  {figure.id}: {figure.missing}", highlight=False, markup=False)
-    console.print(f"report: {written.html} ({len(written.pngs)} figures, {written.seconds:.1f} s)", highlight=False)
+    console.print(f"report: {written.html} ({len(written.pngs)} figures, {written.seconds:.1f} s)", highlight=False, markup=False)
     return 0
 
 
@@ -186,14 +186,14 @@ def _end_of_run_report(study: optuna.Study, out: Path, console: Console) -> None
     from speechtune import studyreport as report
 
     if not report.matplotlib_available():
-        console.print(f"no study report: it needs matplotlib ({report.INSTALL_HINT})", highlight=False)
+        console.print(f"no study report: it needs matplotlib ({report.INSTALL_HINT})", highlight=False, markup=False)
         return
     try:
         written = report.write(study, out)
     except Exception as error:  # the study ran; a report problem must not turn its exit code
-        console.print(f"[yellow]study report not written:[/yellow] {type(error).__name__}: {error}", highlight=False)
+        console.print(f"study report not written: {type(error).__name__}: {error}", style="yellow", highlight=False, markup=False)
         return
-    console.print(f"report: {written.html.resolve()}", highlight=False, soft_wrap=True)
+    console.print(f"report: {written.html.resolve()}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _budget(study: spec.Study) -> str:

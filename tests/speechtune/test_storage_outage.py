@@ -4,8 +4,9 @@ starting and finishing trials, and the affected study rides out an outage shorte
 with StorageUnavailable exactly one window after the first failed commit of a longer one, losing nothing it
 committed.
 
-Before: ``storage._commit`` slept with ``time.sleep`` on the loop, so the heartbeat below was late by each retry
-sleep (0.5 s, 1 s, 2 s, ... 5 s) and the healthy study stood still as long as the outage lasted.
+Before: ``storage._commit`` slept with ``time.sleep`` on the loop (0.5 s, 1 s, 2 s, 4 s, ...): the loop stood still
+for each retry sleep, and with it the other study and this test's own restart of the database, so even the short
+outage ran out the window.
 """
 
 from __future__ import annotations

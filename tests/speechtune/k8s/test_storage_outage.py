@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +35,30 @@ pytestmark = pytest.mark.cluster
 WINDOW = 12.0  # the operator's SPEECHTUNE_STORAGE_RETRY_SECONDS
 OUTAGE = 30.0
 EPOCHS = 8
+
+
+class LivenessProbes:
+    """The operator's liveness endpoint (served by kopf on the operator's event loop), asked every 0.1 s from a
+    thread: the slowest answer is how long the loop stood still."""
+
+    def __init__(self, port: int):
+        self.port, self.slowest, self.done = port, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._probe, daemon=True)
+        self.thread.start()
+
+    def _probe(self) -> None:
+        while not self.done.wait(0.1):
+            began = time.monotonic()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=30).read()
+            except OSError:
+                pass
+            self.slowest = max(self.slowest, time.monotonic() - began)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.slowest
 
 
 def lag_buckets(metrics_url: str, study: str) -> dict[float, float]:
@@ -101,12 +126,14 @@ def test_one_studys_database_outage_stalls_neither_the_operator_nor_the_other_st
                                if t.state == TrialState.COMPLETE}
             other_jobs, lag_before = jobs(cluster, kube_namespace, "other"), lag_buckets(metrics_url, other_name)
 
+            probes = LivenessProbes(port)
             stopped = time.monotonic()
             down.stop()
             pending = wait_until(lambda: (found := study_status(cluster, kube_namespace, "affected")).get("state") == "Pending"
                                  and found, timeout=WINDOW + 20, what="the affected study to stop", interval=0.2)
             gave_up = time.monotonic() - stopped
             time.sleep(max(0.0, stopped + OUTAGE - time.monotonic()))
+            slowest_probe = probes.stop()
             new_other_jobs = jobs(cluster, kube_namespace, "other") - other_jobs
             lag_after = lag_buckets(metrics_url, other_name)
             other_status = study_status(cluster, kube_namespace, "other")
@@ -128,8 +155,10 @@ def test_one_studys_database_outage_stalls_neither_the_operator_nor_the_other_st
     log = log_path.read_text()
     print(f"database down {OUTAGE:.0f} s: the affected study stopped {gave_up:.1f} s after (window {WINDOW:.0f} s) and ran a new "
           f"trial {resumed:.1f} s after its return; the other study started {len(new_other_jobs)} trials and took "
-          f"{values:.0f} values meanwhile, metric lag p95 {p95:.2f} s")
+          f"{values:.0f} values meanwhile, metric lag p95 {p95:.2f} s; the operator's liveness endpoint answered within "
+          f"{slowest_probe:.2f} s throughout")
     assert "Daemon 'run_study' failed" not in log, log[-4000:]
+    assert slowest_probe < 0.5, f"the operator's event loop stood still for {slowest_probe:.1f} s"
     # The affected study waited its window from its first failed commit (within a second of the stop: its trainers
     # print every 0.4 s), then stopped with the documented reason and a message that leaks nothing.
     assert "study storage unreachable, retrying" in log, log[-4000:]
