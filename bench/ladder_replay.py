@@ -54,9 +54,8 @@ import optuna
 
 from speechtune import spec
 from speechtune.executor import Executor
-from speechtune.replay import FULL, Recording, ReplayBackend, run_virtual
+from speechtune.replay import FULL, Recording, ReplayBackend, ReplayStorage, run_virtual
 from speechtune.schedulers.ladder import spearman
-from speechtune.storage import WriteThroughStorage, open_rdb
 
 ROOT = Path(__file__).resolve().parents[1]
 ETA = 3
@@ -143,6 +142,33 @@ def fresh_run_costs(recording: Recording, levels: list[dict]) -> list[float]:
                              for config in recording.configs) for level in levels]
 
 
+def first_result_floor(recording: Recording, fidelity: dict, initial: int, startup: float) -> float | None:
+    """The least cost (mean costs) before a one-bracket ladder can have its first full-fidelity result: ASHA needs
+    eta^(L-1-k) results at each level k below the top first, a synchronous ladder every run of every lower rung."""
+    if fidelity.get("brackets", 1) > 1:
+        return None  # its last bracket starts at the top: no floor beyond one full run
+    levels = fidelity["levels"]
+    costs = [cost + startup for cost in level_run_costs(recording, levels)]
+    if fidelity["mode"] == "asynchronous":
+        counts = [ETA ** (len(levels) - 1 - k) for k in range(len(levels))]
+    else:
+        counts = [max(1, initial // ETA**k) for k in range(len(levels) - 1)] + [1]
+    return sum(count * cost for count, cost in zip(counts, costs))
+
+
+def recorded_rho(recording: Recording, fidelity: dict) -> dict[str, float | None]:
+    """Spearman's rho between adjacent levels over every recorded configuration, each level by what it ranks by:
+    what the engine's proxy check measures on the configurations a study ran at both levels."""
+    levels = fidelity["levels"]
+
+    def values(level: dict) -> list[float]:
+        metric = level.get("rank", {}).get("metric", recording.objective)
+        kind, epochs = recording.kind_of(level["overrides"]), recording.epochs_of(level["overrides"])
+        return [config.curves[kind].steps[epochs - 1][metric] for config in recording.configs]
+
+    return {f"{low['name']}->{high['name']}": rnd(spearman(values(low), values(high)), 3) for low, high in zip(levels, levels[1:])}
+
+
 def size_ladder(recording: Recording, fidelity: dict, budget: float, startup: float) -> int:
     """The largest initialTrials whose expected cost (every rung full, the recording's mean costs) fits in ``budget``."""
     levels = fidelity["levels"]
@@ -207,7 +233,7 @@ def run_study(task: dict) -> dict:
 
     backend = ReplayBackend(recording, start=task["start"], clock=COST, on_charge=on_charge)
     try:
-        engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend,
+        engine = Executor(study, ReplayStorage.open(study.storage.url), backend,
                           checkpoint_root=PurePath("/replay"), checkpoint_files_here=False)
         holder.append(engine)
         outcome = run_virtual(engine.run())
@@ -297,6 +323,8 @@ def summarize(studies: list[dict], arms: list[str], budget: float) -> tuple[dict
             "runs_within_budget_median": statistics.median(within),
             "full_fidelity_runs_median": statistics.median(full_runs),
             "configurations_median": statistics.median(s["configurations"] for s in mine),
+            "distinct_recorded_configurations_median": statistics.median(len({run[2] for run in s["runs"]}) for s in mine),
+            "distinct_full_fidelity_configurations_median": statistics.median(len({run[2] for run in s["runs"] if run[5]}) for s in mine),
             "spent_cpu_s_median": rnd(statistics.median(sum(run[1] for run in s["runs"]) for s in mine), 1),
             "engine_rho_median": {pair: rnd(statistics.median(values), 3) for pair, values in correlation_pairs.items()},
             "best_wer_by_seed": [rnd(b) for b in best],
@@ -450,6 +478,10 @@ def main() -> None:
     for arm in arms:
         initial = size_ladder(recording, specs[arm]["fidelity"], budget, startup) if "fidelity" in specs[arm] else None
         shapes[arm] = {**specs[arm], **({"initialTrials": initial} if initial else {})}
+        if initial:
+            floor = first_result_floor(recording, specs[arm]["fidelity"], initial, startup)
+            shapes[arm]["first_result_floor_share_of_budget"] = round(floor / budget, 3) if floor is not None else None
+            shapes[arm]["recorded_rho"] = recorded_rho(recording, specs[arm]["fidelity"])
         for seed in range(args.seeds):
             tasks.append({"arm": arm, "seed": seed, "budget": budget, "spec": specs[arm], "initial_trials": initial,
                           "start": args.start, "parallelism": args.parallelism})
@@ -475,14 +507,15 @@ def main() -> None:
     print("# Spearman rho of each level's metric with the full-fidelity WER, over the recorded configurations; cost shares")
     print(table(rows))
     rows = [["arm", "best WER at B: median [95 %]", "share of B to random's median final [95 %]", "reached", "runs", "full runs",
-             "configs", "initialTrials", "engine rho"]]
+             "configs (distinct)", "initialTrials", "floor", "rho recorded", "engine rho"]]
     for arm in arms:
         found = summary[arm]
         best, share = found["best_wer_at_budget"], found["share_of_budget_to_random_final"]
         rows.append([arm, f"{best['median']} [{best['ci95'][0]}, {best['ci95'][1]}]",
                      f"{share['median']} [{share['ci95'][0]}, {share['ci95'][1]}]", f"{share['seeds_reaching']}/{found['seeds']}",
-                     str(found["runs_within_budget_median"]), str(found["full_fidelity_runs_median"]), str(found["configurations_median"]),
-                     str(shapes[arm].get("initialTrials", "")),
+                     str(found["runs_within_budget_median"]), str(found["full_fidelity_runs_median"]), f"{found['configurations_median']} ({found['distinct_recorded_configurations_median']})",
+                     str(shapes[arm].get("initialTrials", "")), str(shapes[arm].get("first_result_floor_share_of_budget", "")),
+                     " ".join(f"{pair}={rho}" for pair, rho in shapes[arm].get("recorded_rho", {}).items()),
                      " ".join(f"{pair}={rho}" for pair, rho in found["engine_rho_median"].items())])
     print(f"# B = {budget:.0f} CPU-s; random's median final WER {anytime['target_random_median_final']}; share None: the median seed "
           f"never reaches it within B")

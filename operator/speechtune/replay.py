@@ -32,7 +32,11 @@ runs and reads their protocol lines; nothing of the engine is re-implemented. Fo
   ``time_scale``: set-up, then each epoch, then the tail, so runs finish in the order their
   recorded costs say and parallel runs overlap as they would. Under ``VirtualClockLoop``
   (``run_virtual``) those sleeps take no real time: the loop's clock jumps to the next timer
-  whenever nothing is ready, so a replayed study is deterministic and fast.
+  whenever nothing is ready, so a replayed study is deterministic and fast. The engine's storage
+  commits on a writer thread and the engine awaits ``storage.flushed()``; a loop that waited for
+  that thread would let simulated time jump meanwhile, by however long the commit took in real
+  time. ``ReplayStorage`` waits for the commit in place instead, so a replay on it depends only
+  on the recording and the seeds.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from speechtune import search, spec
 from speechtune.backend import Exit, TrialLaunch
 from speechtune.local import LaunchError
+from speechtune.storage import WriteThroughStorage, open_rdb
 
 RECORDING_FORMAT = 1
 EPOCH_KEYS = ("epochs", "max_epochs")
@@ -371,6 +376,20 @@ def _line(metrics: Mapping[str, float], *, step: int | None = None, final: bool 
 
 
 # -- a loop whose clock jumps ------------------------------------------------------------------
+class ReplayStorage(WriteThroughStorage):
+    """The engine's storage for a replay: ``flushed`` waits for the writer thread in place (blocking the loop for
+    the few milliseconds of a commit) instead of letting the loop wait, so a simulated clock never runs while
+    a commit is in flight, and the order of events on the loop does not depend on how fast the disk is."""
+
+    @classmethod
+    def open(cls, url: str) -> ReplayStorage:
+        return cls(open_rdb(url))
+
+    async def flushed(self) -> None:
+        self._drain()  # every write made so far committed (StorageUnavailable if it could not be), without yielding
+
+
+
 class _JumpingSelector(selectors.BaseSelector):
     """The loop's selector: real I/O is polled without waiting; a wait for a timer moves the clock instead."""
 

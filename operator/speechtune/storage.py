@@ -287,6 +287,8 @@ class WriteThroughStorage(BaseStorage):
                             self._broken.__cause__ = error
                         failed += self._queue
                         self._queue.clear()
+                        log.error("%s; %d transaction(s) not committed, and this storage takes no more writes",
+                                  self._broken, len(failed))
                 for each in failed:
                     each.future.set_exception(self._broken if each.deferred and self._broken is not None else error)
             else:

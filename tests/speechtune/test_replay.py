@@ -17,8 +17,7 @@ from speechtune.backend import build_launch
 from speechtune.executor import Executor
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
-from speechtune.replay import Recording, ReplayBackend, VirtualClockLoop, run_virtual
-from speechtune.storage import WriteThroughStorage, open_rdb
+from speechtune.replay import Recording, ReplayBackend, ReplayStorage, VirtualClockLoop, run_virtual
 
 RECORDING = Path(__file__).resolve().parents[2] / "bench" / "results" / "curves_fake.json"
 TEMPLATE = spec.TrialTemplate(command=("replay",))
@@ -126,7 +125,7 @@ def ladder_study(tmp_path: Path, levels: list[dict], mode: str, initial: int) ->
 def test_a_replayed_ladder_study_with_the_real_engine_spends_exactly_the_recorded_cost_of_its_runs(recording, tmp_path, levels, mode):
     study = ladder_study(tmp_path, levels, mode, initial=9)
     backend = ReplayBackend(recording)
-    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend,
+    engine = Executor(study, ReplayStorage.open(study.storage.url), backend,
                       checkpoint_root=PurePath("/replay-checkpoints"), checkpoint_files_here=False)
     outcome = run_virtual(engine.run())
     assert outcome.state == "Succeeded", outcome.message
@@ -165,7 +164,7 @@ def test_a_pruned_run_pays_only_for_the_epochs_it_reported(recording, tmp_path):
         },
     })
     backend = ReplayBackend(recording)
-    engine = Executor(study, WriteThroughStorage(open_rdb(study.storage.url)), backend)
+    engine = Executor(study, ReplayStorage.open(study.storage.url), backend)
     assert run_virtual(engine.run()).state == "Succeeded"
     pruned = [charge for charge in backend.ledger if charge.stopped]
     assert pruned, "the median pruner stopped nothing: pick another seed"
@@ -189,3 +188,23 @@ def test_the_replay_benchmark_runs_on_a_recording_and_ends_with_its_json_line(tm
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["arms"]) == {"random", "tpe", "ladder-data"}
     assert report["arms"]["ladder-data"]["spec"]["initialTrials"] >= 3
+
+
+def test_a_replayed_study_is_the_same_every_time(recording, tmp_path):
+    """The engine commits on a writer thread; a replay must not depend on how fast those commits are."""
+    def once(folder: Path) -> list[tuple]:
+        folder.mkdir()
+        study = spec.parse_study({
+            "metadata": {"name": "replayed-twice"},
+            "spec": {
+                "objective": {"metric": "wer"}, "parallelism": 2, "maxTrials": 16,
+                "sampler": {"type": "tpe", "seed": 5, "startupTrials": 3}, "pruner": {"type": "median", "startupTrials": 2},
+                "searchSpace": json.loads(RECORDING.read_text())["meta"]["space"],
+                "trialTemplate": {"command": ["replay"]}, "storage": {"url": f"sqlite:///{folder}/twice.db"},
+            },
+        })
+        backend = ReplayBackend(recording)
+        run_virtual(Executor(study, ReplayStorage.open(study.storage.url), backend).run())
+        return [(round(c.end, 9), c.number, c.config, c.last) for c in backend.ledger]
+
+    assert once(tmp_path / "a") == once(tmp_path / "b")
