@@ -28,7 +28,7 @@ The JSON is rewritten after every run, so an interrupted recording keeps what it
 rerun with the same settings only records what is missing.
 
     .venv/bin/python bench/record_curves.py                       # the committed bench/results/curves.json
-    .venv/bin/python bench/record_curves.py --trainer fake --configs 12 --epochs 5 \\
+    .venv/bin/python bench/record_curves.py --trainer fake --configs 12 --epochs 5 --data-hours 0.02 \\
         --out bench/results/curves_fake.json                     # a recording in seconds, for tests
 """
 
@@ -229,9 +229,10 @@ def write(args: argparse.Namespace, recording: dict, kinds: dict, started: float
     recording["meta"] = {
         "format": FORMAT,
         "command": command_line(args),
-        "what": "real learning curves for bench/ladder_replay.py (speechtune.replay); see bench/record_curves.py",
+        "what": ("real NeMo learning curves" if args.trainer == "nemo" else "the fake trainer's curves (tests, smoke runs)")
+                + " for bench/ladder_replay.py (speechtune.replay); see bench/record_curves.py",
         "trainer": "speechtune-trainer asr (NeMo Conformer-CTC, CPU, 1 thread)" if args.trainer == "nemo" else "speechtune.fake_trainer",
-        "trainer_args": list(template(args).args),
+        "trainer_args": [os.path.relpath(arg, ROOT) if arg == str(args.data.resolve()) else arg for arg in template(args).args],
         "settings": settings(args),
         "objective": "wer",
         "epochs": args.epochs,
