@@ -270,7 +270,10 @@ def test_helm_install_runs_a_study_with_only_the_charts_rbac(installed, tmp_path
         pods = list(seen.values())
         trials = get_json(cluster, "speechtuningtrials", "-n", team)["items"]
         reasons = {event["reason"] for event in get_json(cluster, "events", "-n", team)["items"]}
-        tokens = get_json(cluster, "secrets", "-n", team, "-l", "speechtune.io/worker")["items"]
+        # The study's result first, then its workers retire: their Jobs and token Secrets go within seconds.
+        deadline = time.monotonic() + 30
+        while (tokens := get_json(cluster, "secrets", "-n", team, "-l", "speechtune.io/worker")["items"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         stop_operator(operator)
     assert status.get("state") == "Succeeded", (status, text[-3000:])
