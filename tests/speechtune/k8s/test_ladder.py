@@ -46,6 +46,9 @@ def stored_rho(study: optuna.Study, lower: int) -> tuple[float, int]:
     return spearman([t.intermediate_values[lower] for t in both], [t.intermediate_values[lower + 1] for t in both]), len(both)
 
 
+BY_WER = {"metric": "wer", "direction": "minimize"}  # a level without its own rank ranks by the objective
+
+
 def test_ladder_runs_each_level_as_a_new_job_and_survives_an_operator_kill(crds, kube_namespace, postgres_url, tmp_path):
     cluster = crds
     ledger = tmp_path / "ledger"
@@ -91,12 +94,13 @@ def test_ladder_runs_each_level_as_a_new_job_and_survives_an_operator_kill(crds,
     assert sorted(best.intermediate_values) == [0, 1, 2]
     assert status["trials"] == {"total": 16, "running": 0, "complete": 1, "pruned": 15, "failed": 0, "waiting": 0}
     assert status["fidelity"]["levels"] == [
-        {"name": "low", "size": 16, "assigned": 16, "running": 0, "finished": 16},
-        {"name": "medium", "size": 4, "assigned": 4, "running": 0, "finished": 4},
-        {"name": "high", "size": 1, "assigned": 1, "running": 0, "finished": 1}]
+        {"name": "low", "size": 16, "assigned": 16, "running": 0, "finished": 16, "rank": BY_WER},
+        {"name": "medium", "size": 4, "assigned": 4, "running": 0, "finished": 4, "rank": BY_WER},
+        {"name": "high", "size": 1, "assigned": 1, "running": 0, "finished": 1, "rank": BY_WER}]
     rho, pairs = stored_rho(study, 0)
     assert status["fidelity"]["correlations"] == [
-        {"fromLevel": "low", "toLevel": "medium", "rho": round(rho, 4), "pairs": pairs, "unreliable": False}]
+        {"fromLevel": "low", "toLevel": "medium", "rho": round(rho, 4), "pairs": pairs, "unreliable": False,
+         "fromMetric": "wer", "toMetric": "wer"}]
     assert pairs == 4  # medium -> high has a single pair: no correlation to publish
     conditions = {c["type"]: c for c in status["conditions"]}
     assert (conditions["Succeeded"]["status"], conditions["ProxyUnreliable"]["status"]) == ("True", "Unknown")
