@@ -246,7 +246,8 @@ def test_speechtune_run_uses_warm_workers_when_the_spec_asks(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "in warm workers" in result.stdout
-    assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == ["trial-0.log", "trial-1.log", "trial-2.log", "worker-1.log"]
+    assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == [
+        "report", "trial-0.log", "trial-1.log", "trial-2.log", "worker-1.log"]  # the study's report, and one worker for 3 runs
 
 
 def test_a_report_from_a_thread_a_run_left_behind_names_no_run(monkeypatch):
