@@ -66,6 +66,9 @@ class Backend(Protocol):
     # How long after a runner dies a launch it began can still take effect (a create request
     # in flight to an API server); a restarted engine waits that long before calling it lost.
     recovery_grace_seconds: float
+    # Optional: the errors that mean the backend's own infrastructure is away (an API server), which
+    # stop the engine (it is restarted and re-attaches) instead of failing the trial whose run met them.
+    unavailable: tuple[type[BaseException], ...]
 
     async def launch(self, launch: TrialLaunch) -> TrialRun:
         """Start a trial. Launching the same study and number twice starts it once."""

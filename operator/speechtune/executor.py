@@ -123,6 +123,7 @@ class Executor:
         self._trial_runs: dict[int, int] = {}  # trial number -> runs of it going on
         self._wake = asyncio.Event()
         self._failed_message = ""
+        self._stop_error: BaseException | None = None  # what a run task raised: it stops the study
         self.scheduler: Scheduler = schedulers.build(self)
 
     # -- public -------------------------------------------------------------
@@ -181,6 +182,8 @@ class Executor:
         self._publish_counts()
         while True:
             self._wake.clear()
+            if self._stop_error is not None:  # run() stops the other runs' tasks
+                raise self._stop_error
             if self._failed_message:  # stop the runs still going; their tasks record why
                 await self.storage.flushed()  # the study's failure is recorded before anything is stopped
                 await asyncio.gather(*(run.handle.stop() for run in list(self._runs.values()) if run.handle is not None))
@@ -192,15 +195,8 @@ class Executor:
             if not self._running:
                 break  # nothing going on and nothing to start: the study is over
             woken = asyncio.ensure_future(self._wake.wait())
-            done, _ = await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*self._running.values(), woken], return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
-            for task in done:  # a run task that raised (StorageUnavailable) stops the study
-                if task is not woken and not task.cancelled() and task.exception() is not None:
-                    others = [other for other in self._running.values() if other is not task]
-                    for other in others:
-                        other.cancel()
-                    await asyncio.gather(*others, return_exceptions=True)  # retrieved: no "never retrieved" noise
-                    raise task.exception()
         await self.storage.flushed()  # the study has ended only once its storage says so
         counts = self.counts()
         if self._failed_message:
@@ -296,8 +292,11 @@ class Executor:
         self._trial_runs[number] = self._trial_runs.get(number, 0) + 1
 
         def forget(done: asyncio.Task) -> None:
-            if not done.cancelled():
-                done.exception()  # StorageUnavailable: the loop meets it too (the storage takes no more), maybe elsewhere
+            # A run task that raised (StorageUnavailable, or the backend being away) stops the study, even when it
+            # ends while the loop awaits something else (a launch): the loop raises it at its next turn.
+            if not done.cancelled() and done.exception() is not None and self._stop_error is None:
+                self._stop_error = done.exception()
+                self._wake.set()
             self._running.pop(key, None)
             self._runs.pop(key, None)
             self._trial_runs[number] -= 1
@@ -326,8 +325,8 @@ class Executor:
             await self.storage.flushed()
             if result.stopped:
                 await run.handle.stop()
-        except (StorageUnavailable, asyncio.CancelledError):
-            raise
+        except (StorageUnavailable, asyncio.CancelledError, *getattr(self.backend, "unavailable", ())):
+            raise  # nothing can be recorded, or the backend's own infrastructure is away: not this trial's doing
         except Exception as error:  # a bug, or output the engine could not handle: this trial's problem only
             log.exception("%s: run %s failed inside the runner", self.study_name, run.launch.run_name)
             if self.storage.get_trial(run.trial._trial_id).state == TrialState.RUNNING:

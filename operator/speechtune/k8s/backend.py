@@ -45,6 +45,7 @@ class KubernetesJobBackend:
     # looked for the Job (seen: about a second, on a loaded API server). Ten seconds is a
     # practical bound, not a guarantee: the client's own request timeout is 30 s.
     recovery_grace_seconds = 10.0
+    unavailable = (ApiError, aiohttp.ClientError, asyncio.TimeoutError)  # the API server away: stops the engine, not a trial
 
     def __init__(self, api: Api, namespace: str, study: Owner, options: JobOptions, pending_timeout: float = 600):
         self.api = api
