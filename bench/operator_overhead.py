@@ -48,7 +48,6 @@ from pathlib import Path
 
 import optuna
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,6 +57,7 @@ from speechtune.k8s.manifests import STUDY_LABEL, TRIAL_LABEL  # noqa: E402
 from speechtune.k8s.runner import optuna_study_name  # noqa: E402
 from tests.cluster.plugin import KubeCluster  # noqa: E402
 from tests.support.postgres import postgres_server  # noqa: E402
+from tests.support.prometheus import histogram_quantile, lag_buckets  # noqa: E402
 
 DEFAULT_KUBECONFIG = Path.home() / ".cache" / "speechtune" / "cluster" / "state" / "admin.kubeconfig"
 SPACE = [
@@ -146,35 +146,6 @@ def rss_mib(pid: int) -> float:
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
-
-
-def lag_buckets(metrics_url: str) -> dict[float, float]:
-    """speechtune_metric_lag_seconds as cumulative counts per upper bound, summed over studies."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "speechtune_metric_lag_seconds":
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    bound = float(sample.labels["le"])
-                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return buckets
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
-    """Prometheus' histogram_quantile: linear inside the bucket that holds the rank."""
-    ordered = sorted(buckets.items())
-    total = ordered[-1][1] if ordered else 0
-    if not total:
-        return math.nan
-    rank, lower, below = q * total, 0.0, 0.0
-    for bound, count in ordered:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower
-            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
-        lower, below = bound, count
-    return lower
 
 
 # -- the cluster side ------------------------------------------------------------------------

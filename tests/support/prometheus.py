@@ -7,6 +7,7 @@ server scraping the real operator, not by reading the exposition text.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.postgres import _free_port
 
@@ -93,3 +95,33 @@ def prometheus_server(targets: list[str], job: str, scrape_interval: str = "1s")
             process.wait()
         log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def lag_buckets(metrics_url: str, study: str | None = None) -> dict[float, float]:
+    """speechtune_metric_lag_seconds scraped from a /metrics URL, as cumulative counts per upper bound:
+    one study's, or (``study`` None) summed over every study."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "speechtune_metric_lag_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and study in (None, sample.labels.get("study")):
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus' histogram_quantile: linear inside the bucket that holds the rank."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0
+    if not total:
+        return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower

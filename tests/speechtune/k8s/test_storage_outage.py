@@ -12,7 +12,6 @@ running trial.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 import urllib.request
@@ -21,7 +20,6 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from prometheus_client.parser import text_string_to_metric_families
 
 from speechtune import fake_trainer
 from speechtune.backend import format_value
@@ -29,6 +27,7 @@ from tests.speechtune.k8s.helpers import (
     delete_studies, free_port, get_json, healthy, small_study, start_operator, stop_operator, study_status, wait_until,
 )
 from tests.support.postgres import postgres_server
+from tests.support.prometheus import histogram_quantile, lag_buckets
 
 pytestmark = pytest.mark.cluster
 
@@ -59,30 +58,6 @@ class LivenessProbes:
         self.done.set()
         self.thread.join()
         return self.slowest
-
-
-def lag_buckets(metrics_url: str, study: str) -> dict[float, float]:
-    """speechtune_metric_lag_seconds of one study, as cumulative counts per upper bound."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return {float(sample.labels["le"]): sample.value
-            for family in text_string_to_metric_families(text) if family.name == "speechtune_metric_lag_seconds"
-            for sample in family.samples if sample.name.endswith("_bucket") and sample.labels.get("study") == study}
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
-    """Prometheus' histogram_quantile (bench/operator_overhead.py's): linear inside the bucket holding the rank."""
-    ordered = sorted(buckets.items())
-    total = ordered[-1][1] if ordered else 0
-    if not total:
-        return math.nan
-    rank, lower, below = q * total, 0.0, 0.0
-    for bound, count in ordered:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower
-            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
-        lower, below = bound, count
-    return lower
 
 
 def jobs(cluster, namespace: str, study: str) -> set[str]:
