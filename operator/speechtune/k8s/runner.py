@@ -373,8 +373,8 @@ class StudyRunner:
         if self.dispatch is None:
             raise spec.SpecError([("spec.trialTemplate.workers.mode", "warm worker pods need the operator's dispatch endpoint, "
                                    f"which this operator does not serve (chart value workers.dispatch.enabled; {DISPATCH_URL_ENV})")])
-        return KubernetesWorkerBackend(self.api, self.namespace, owner, job, pending_timeout, study.trial_template.workers,
-                                       study.trial_template, self.dispatch, self.labels)
+        return KubernetesWorkerBackend(self.api, self.namespace, owner, job, pending_timeout, study.trial_template,
+                                       self.dispatch, self.labels)
 
     def _engine(self, study: spec.Study, options: studyspec.ClusterOptions, storage: WriteThroughStorage,
                 backend: KubernetesJobBackend, warm_start_url: str | None) -> Executor:

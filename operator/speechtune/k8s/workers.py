@@ -243,10 +243,10 @@ class KubernetesWorkerBackend(KubernetesJobBackend):
     recovery_grace_seconds = 0.0  # a run is given only after its assignment is on the worker's Job
 
     def __init__(self, api: Api, namespace: str, study: Owner, options: JobOptions, pending_timeout: float,
-                 settings: spec.Workers, template: spec.TrialTemplate, dispatch: Dispatch, labels: dict[str, str]):
+                 template: spec.TrialTemplate, dispatch: Dispatch, labels: dict[str, str]):
         super().__init__(api, namespace, study, options, pending_timeout)
-        self.settings = settings
         self.template = template
+        self.settings = template.workers
         self.dispatch = dispatch
         self.labels = labels
         self.gpus = metrics.requested_gpus(template.resources)
