@@ -280,7 +280,6 @@ def parse_run(lines: list[bytes]) -> dict[str, Any]:
 
 
 async def record(args: argparse.Namespace) -> None:
-    from speechtune import spec
     from speechtune.backend import build_launch
     from speechtune.workers import WarmWorkerBackend
 
