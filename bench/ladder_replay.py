@@ -238,13 +238,14 @@ def run_study(task: dict) -> dict:
         holder.append(engine)
         outcome = run_virtual(engine.run())
         correlations = engine.study.user_attrs.get("fidelity_correlations", {})
+        costs = engine.study.user_attrs.get("fidelity_costs", {})
         configurations = len(engine.trials())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     charges = sorted(backend.ledger, key=lambda c: c.end)
     return {
         "arm": arm, "seed": seed, "outcome": outcome.state, "configurations": configurations,
-        "correlations": correlations,
+        "correlations": correlations, "costs": costs,
         "runs": [[round(c.end, 3), round(c.cost(COST), 3), c.config, c.kind, c.last, c.full_fidelity,
                   round(c.metrics.get(recording.objective, math.nan), 6)] for c in charges],
     }
@@ -311,9 +312,12 @@ def summarize(studies: list[dict], arms: list[str], budget: float) -> tuple[dict
         full_runs = [sum(1 for run in s["runs"] if run[5]) for s in mine]
         within = [sum(1 for spent, _ in curves[arm, s["seed"]] if spent <= budget + 1e-9) for s in mine]
         correlation_pairs: dict[str, list[float]] = {}
+        level_costs: dict[str, list[dict]] = {}
         for s in mine:
             for pair, found in s["correlations"].items():
                 correlation_pairs.setdefault(pair, []).append(found["rho"])
+            for level, found in s.get("costs", {}).items():
+                level_costs.setdefault(level, []).append(found)
         summary[arm] = {
             "seeds": len(mine),
             "best_wer_at_budget": {"median": rnd(median), "ci95": [rnd(low), rnd(high)], "mean": rnd(statistics.fmean(best))
@@ -327,6 +331,10 @@ def summarize(studies: list[dict], arms: list[str], budget: float) -> tuple[dict
             "distinct_full_fidelity_configurations_median": statistics.median(len({run[2] for run in s["runs"] if run[5]}) for s in mine),
             "spent_cpu_s_median": rnd(statistics.median(sum(run[1] for run in s["runs"]) for s in mine), 1),
             "engine_rho_median": {pair: rnd(statistics.median(values), 3) for pair, values in correlation_pairs.items()},
+            # what the product tells the user (ProxyCostly): each level's median cost share and the seeds that flagged it
+            "engine_costs": {level: {"share_median": rnd(statistics.median(f["share"] for f in found), 3),
+                                     "startup_share_median": rnd(statistics.median(f["startupShare"] for f in found), 3),
+                                     "costly_seeds": sum(1 for f in found if f["costly"])} for level, found in level_costs.items()},
             "best_wer_by_seed": [rnd(b) for b in best],
             "share_by_seed": [rnd(s, 3) for s in shares],
         }
@@ -507,7 +515,7 @@ def main() -> None:
     print("# Spearman rho of each level's metric with the full-fidelity WER, over the recorded configurations; cost shares")
     print(table(rows))
     rows = [["arm", "best WER at B: median [95 %]", "share of B to random's median final [95 %]", "reached", "runs", "full runs",
-             "configs (distinct)", "initialTrials", "floor", "rho recorded", "engine rho"]]
+             "configs (distinct)", "initialTrials", "floor", "rho recorded", "engine rho", "engine ProxyCostly seeds"]]
     for arm in arms:
         found = summary[arm]
         best, share = found["best_wer_at_budget"], found["share_of_budget_to_random_final"]
@@ -516,7 +524,8 @@ def main() -> None:
                      str(found["runs_within_budget_median"]), str(found["full_fidelity_runs_median"]), f"{found['configurations_median']} ({found['distinct_recorded_configurations_median']})",
                      str(shapes[arm].get("initialTrials", "")), str(shapes[arm].get("first_result_floor_share_of_budget", "")),
                      " ".join(f"{pair}={rho}" for pair, rho in shapes[arm].get("recorded_rho", {}).items()),
-                     " ".join(f"{pair}={rho}" for pair, rho in found["engine_rho_median"].items())])
+                     " ".join(f"{pair}={rho}" for pair, rho in found["engine_rho_median"].items()),
+                     " ".join(f"{level}={cost['costly_seeds']}" for level, cost in found["engine_costs"].items())])
     print(f"# B = {budget:.0f} CPU-s; random's median final WER {anytime['target_random_median_final']}; share None: the median seed "
           f"never reaches it within B")
     print(table(rows))

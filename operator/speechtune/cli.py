@@ -81,7 +81,9 @@ def _print_problems(error: spec.SpecError, console: Console) -> None:
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
     study = spec.load_study(args.file)
-    console.print(f"{args.file}: valid study {study.name!r}, {len(study.search_space)} parameters")
+    conditional = sum(1 for param in study.search_space if param.when)
+    console.print(f"{args.file}: valid study {study.name!r}, {len(study.search_space)} parameters"
+                  + (f" ({conditional} conditional)" if conditional else ""))
     return 0
 
 
@@ -99,6 +101,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         parallelism=args.parallelism or study.parallelism,
         max_trials=args.max_trials or study.max_trials,
     )
+    if study.trial_template.replicas > 1:
+        raise spec.SpecError([("spec.trialTemplate.replicas", "runs a trial as that many pods, on a cluster only; locally, "
+                               "use 1 (one process, which may use several devices)")])
     if study.storage.secret_name and not args.storage:
         raise spec.SpecError([("spec.storage.secretRef", "names a Kubernetes Secret; locally, pass --storage URL")])
     if study.warm_start and study.warm_start.storage.secret_name:
@@ -227,6 +232,10 @@ def _print_results(study: optuna.Study, console: Console) -> None:
     for pair, found in study.user_attrs.get(record.CORRELATIONS, {}).items():
         warning = "  [red]ProxyUnreliable[/red]" if found["unreliable"] else ""
         console.print(f"proxy rank correlation {pair}: Spearman rho {found['rho']:.2f} over {found['pairs']} configurations{warning}")
+    for level, found in study.user_attrs.get(record.COSTS, {}).items():
+        warning = "  [red]ProxyCostly[/red]" if found["costly"] else ""
+        console.print(f"proxy cost {level}: {found['share']:.2f} of the top level's, {found['startupShare']:.0%} of a run before "
+                      f"its first epoch, over {found['runs']} runs{warning}", highlight=False)
     validation = study.user_attrs.get(record.VALIDATION)
     if validation and validation.get("mean") is not None:
         console.print(f"validation of trial {validation['trial']}: {metric} {validation['mean']:.4f} ± {validation['std']:.4f} "
@@ -250,7 +259,7 @@ class _Display:
         if event.kind in ("started", "level-done"):
             return
         style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red",
-                 "promoted": "cyan", "proxy-unreliable": "bold red", "stage-started": "bold", "stage-finished": "bold"}.get(event.kind, "")
+                 "promoted": "cyan", "proxy-unreliable": "bold red", "proxy-costly": "bold red", "stage-started": "bold", "stage-finished": "bold"}.get(event.kind, "")
         prefix = f"trial {event.number} " if event.number is not None else ""
         self.console.print(Text(f"{time.strftime('%H:%M:%S')} {prefix}{event.kind}: {event.message}", style=style))
 

@@ -110,7 +110,8 @@ class Executor:
         self.warm_start_url = warm_start_url or (study.warm_start.storage.url if study.warm_start else None)
         self._notify = notify or (lambda event: None)
         self.objective = study.objective.metric
-        self.gpus = metrics.requested_gpus(study.trial_template.resources)  # per run, for speechtune_gpu_seconds
+        # per run, for speechtune_gpu_seconds: every GPU of every pod of a run (trialTemplate.replicas pods)
+        self.gpus = metrics.requested_gpus(study.trial_template.resources) * study.trial_template.replicas
         metrics.PRUNED.labels(**self.labels)  # at 0 at once: rate() ignores the value a series first appears with
         self.study = optuna.create_study(
             study_name=self.study_name, storage=storage, load_if_exists=True,
@@ -366,6 +367,8 @@ class RunResult:
     value: float | None  # the final objective value; None when on_step stopped the run
     metrics: dict[str, float]  # each metric's last reported value (a ladder level may rank by one)
     stopped: bool = False
+    seconds: float = 0.0  # on the loop's clock, from the first read of the run's output to its end: what the run cost
+    startup_seconds: float | None = None  # before its first epoch: the first report's time less the next one's gap
 
 
 async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
@@ -387,12 +390,20 @@ async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, f
         gpu_seconds.inc(gpus * (now - counted))
         counted = now
 
+    loop = asyncio.get_running_loop()
+    began = loop.time()  # the loop's clock, so that a replay on a simulated clock measures simulated time
+    reports: list[float] = []  # when the first two values came
+
     def on_value(step: int, value: float) -> bool:
         count_gpu_time()
+        if len(reports) < 2:
+            reports.append(loop.time() - began)
         return on_step(step, value)
 
     try:
-        return await _read_output(run, objective, on_value, labels, stored)
+        result = await _read_output(run, objective, on_value, labels, stored)
+        startup = max(0.0, 2 * reports[0] - reports[1]) if len(reports) == 2 else None
+        return replace(result, seconds=loop.time() - began, startup_seconds=startup)
     finally:
         count_gpu_time()
 

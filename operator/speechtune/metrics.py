@@ -24,6 +24,10 @@ PROXY_CORRELATION = Gauge(
     "speechtune_proxy_rank_correlation", "Spearman rho between adjacent fidelity levels' objectives",
     _STUDY + ["from_level", "to_level"],
 )
+PROXY_COST_SHARE = Gauge(
+    "speechtune_proxy_cost_share", "What reaching a fidelity level costs as a share of reaching the top (medians of measured run times)",
+    _STUDY + ["level"],
+)
 TRIAL_DURATION = Histogram(
     "speechtune_trial_duration_seconds", "Wall time of finished trials, by stage and final state", _STUDY + ["stage", "state"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, float("inf")),

@@ -37,9 +37,20 @@ def level_finished_key(level_name: str) -> str:
     return f"finished_{level_name}"
 
 
+def level_seconds_key(level_name: str) -> str:
+    """How long a configuration's run at one fidelity level took (``RunResult.seconds``): the level's measured cost."""
+    return f"seconds_{level_name}"
+
+
+def level_startup_key(level_name: str) -> str:
+    """How long that run spent before its first epoch (``RunResult.startup_seconds``), when it reported two epochs."""
+    return f"startup_{level_name}"
+
+
 # -- study user attributes -----------------------------------------------------------------
 OBJECTIVE = "objective"  # the metric the value is, so readers can label it
 CORRELATIONS = "fidelity_correlations"  # Spearman rho between adjacent ladder levels
+COSTS = "fidelity_costs"  # each lower ladder level's measured cost as a share of the top's
 VALIDATION = "validation"  # the best configuration retrained with other seeds
 STAGES = "stages"  # each stage's state and result, by stage name
 CHECKPOINT_PINS = "checkpoint_pins"  # trial numbers whose checkpoints other studies warm-start from

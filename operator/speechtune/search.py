@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Container
+import warnings
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import optuna
@@ -32,11 +33,27 @@ def distributions(space: tuple[spec.Param, ...]) -> dict[str, BaseDistribution]:
     return result
 
 
+def ask(study: optuna.Study, distributions: Mapping[str, BaseDistribution], space: tuple[spec.Param, ...]) -> optuna.Trial:
+    """A new trial (or the next queued one) with each of ``distributions``' parameters that applies suggested, in the
+    search space's order: Optuna's define-by-run. A conditional parameter (``when``) is suggested only when its parents
+    took one of its choices, so it is neither in the trial's params nor on the trainer's command line otherwise,
+    and a sampler sees each trial's own set of parameters. A flat space suggests exactly what
+    ``study.ask(distributions)`` would, in the same order."""
+    trial = study.ask()
+    values: dict[str, Any] = {}
+    for param in space:
+        if param.name in distributions and spec.applies(param, values):
+            values[param.name] = trial._suggest(param.name, distributions[param.name])  # what study.ask(fixed) calls
+    return trial
+
+
 def build_sampler(sampler: spec.Sampler, space: tuple[spec.Param, ...]) -> BaseSampler:
     seed = sampler.seed
     if sampler.type == "tpe":
-        # constant_liar steers parallel asks away from configurations still running.
-        base: BaseSampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler.startup_trials, constant_liar=True)
+        # constant_liar steers parallel asks away from configurations still running. In a conditional space, TPE
+        # models jointly each group of parameters that appear together (group=True, Optuna's choice for dynamic
+        # spaces); otherwise a parameter missing from some trials would fall back to independent sampling.
+        base: BaseSampler = _tpe(seed, sampler.startup_trials, group=spec.is_conditional(space))
     elif sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     elif sampler.type == "grid":
@@ -54,6 +71,15 @@ def build_sampler(sampler: spec.Sampler, space: tuple[spec.Param, ...]) -> BaseS
     else:  # the spec validator only lets known types through
         raise ValueError(f"unknown sampler {sampler.type!r}")
     return BoundedHistorySampler(base)
+
+
+def _tpe(seed: int | None, startup_trials: int, group: bool) -> optuna.samplers.TPESampler:
+    if not group:
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, constant_liar=True)
+    with warnings.catch_warnings():  # group is experimental in Optuna (since 2.8)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials, constant_liar=True,
+                                          multivariate=True, group=True)
 
 
 def _grid(space: tuple[spec.Param, ...]) -> dict[str, list[Any]]:
@@ -137,7 +163,10 @@ class ViewSampler(BaseSampler):
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         narrowed = {name: self.distribution(name, dist) for name, dist in search_space.items()}
-        return self.base.sample_relative(self.view(study), trial, narrowed)
+        sampled = self.base.sample_relative(self.view(study), trial, narrowed)
+        # TPE with group=True samples each group from the distributions of its own decomposition, not the narrowed
+        # ones it is given: a value outside them is dropped here, and the parameter is sampled independently inside.
+        return {name: value for name, value in sampled.items() if name not in narrowed or inside(narrowed[name], value)}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
         return self.base.sample_independent(self.view(study), trial, param_name, self.distribution(param_name, param_distribution))
@@ -150,6 +179,14 @@ class ViewSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+
+
+def inside(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether a parameter value lies in a distribution (a narrowed range, or fewer choices)."""
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except ValueError:  # a categorical value outside the narrowed choices
+        return False
 
 
 class StudyView:

@@ -32,6 +32,7 @@ QUANTITY_SUFFIXES = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 
 MAX_NAME = 63  # parameter names, the metric
 MAX_PARAMS = 64
 MAX_CHOICES = 256
+MAX_PARENTS = 8  # entries of a parameter's when
 MAX_LEVELS = 6
 MAX_LEVEL_NAME = 20  # part of the level's Job names
 MAX_MAP_ENTRIES = 64  # overrides, a stage's fixed and params
@@ -50,6 +51,10 @@ class SpecError(ValueError):
         super().__init__("\n".join(f"{path}: {message}" for path, message in problems))
 
 
+# A parameter's condition (``when``): (parent, the parent's choices in which it applies) pairs, all of which must hold.
+When = tuple[tuple[str, tuple[Any, ...]], ...]
+
+
 @dataclass(frozen=True)
 class IntParam:
     name: str
@@ -57,6 +62,7 @@ class IntParam:
     high: int
     step: int = 1
     log: bool = False
+    when: When = ()
 
 
 @dataclass(frozen=True)
@@ -66,15 +72,33 @@ class FloatParam:
     high: float
     step: float | None = None
     log: bool = False
+    when: When = ()
 
 
 @dataclass(frozen=True)
 class CategoricalParam:
     name: str
     choices: tuple[Any, ...]
+    when: When = ()
 
 
 Param = IntParam | FloatParam | CategoricalParam
+
+
+def same_choice(a: Any, b: Any) -> bool:
+    """Whether two categorical choices are the same (True is not 1, as in JSON)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def applies(param: Param, values: dict[str, Any]) -> bool:
+    """Whether a (possibly conditional) parameter applies given the values its parents took; a parent absent
+    from ``values`` (itself inactive) makes it inactive, so a condition on a conditional parent chains."""
+    return all(parent in values and any(same_choice(values[parent], choice) for choice in choices)
+               for parent, choices in param.when)
+
+
+def is_conditional(space: tuple[Param, ...]) -> bool:
+    return any(param.when for param in space)
 
 
 @dataclass(frozen=True)
@@ -122,11 +146,13 @@ class TrialTemplate:
     env: dict[str, str] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
     workers: Workers = Workers()
+    replicas: int = 1  # pods per trial (data-parallel across pods; a cluster only): resources are per pod
 
 
 # The metrics a level may rank configurations by besides the study's objective: what the speechtune
 # trainers report every epoch (the NeMo trainer: wer, cer, val_loss). A typo here would rank by nothing.
 RANK_METRICS = ("wer", "cer", "val_loss")
+MAX_REPLICAS = 128  # pods per trial (trialTemplate.replicas), as the CRD's maximum
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,7 @@ class Fidelity:
     mode: str = "synchronous"
     resume_from_checkpoint: bool = True
     correlation_warning: float = 0.5
+    cost_warning: float = 0.5  # a level costing more than this share of a full run screens too dearly to pay off
     checkpoint_volume: str | None = None
     brackets: int = 1  # Hyperband: bracket b starts its configurations at level b
 
@@ -392,6 +419,8 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
     elif seeds and fidelity is None:
         check.fail("spec.validation.seeds", "needs spec.fidelity (or a validate stage in spec.stages)")
     if sampler.type == "grid":
+        if is_conditional(space):
+            check.fail("spec.sampler.type", GRID_CONDITIONAL)
         for index, param in enumerate(space):
             if isinstance(param, FloatParam) and param.step is None:
                 check.fail(f"{space_path}[{index}].float", "the grid sampler needs a step (or a categorical) for every float parameter")
@@ -414,6 +443,9 @@ def stage_trials(stage: Stage) -> int:
     configurations = stage.fidelity.configurations() if stage.fidelity else 0
     return configurations or stage.max_trials  # a rejected ladder has no levels
 
+
+GRID_CONDITIONAL = ("the grid sampler needs a fixed search space, and this one has conditional parameters (when): "
+                    "use tpe or random, or list the combinations as categoricals")
 
 _STAGE_FIELDS = {
     "baseline": {"name", "kind", "params", "seeds"},
@@ -461,9 +493,11 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
             check.fail(f"{path}.maxTrials", "not with fidelity: the ladder's initialTrials is the stage's budget")
         sampler = _parse_sampler(check.mapping(raw["sampler"], f"{path}.sampler"), check, f"{path}.sampler") if "sampler" in raw else None
         pruner = _parse_pruner(check.mapping(raw["pruner"], f"{path}.pruner"), check, f"{path}.pruner") if "pruner" in raw else None
+        if sampler is not None and sampler.type == "grid" and is_conditional(space):
+            check.fail(f"{path}.sampler.type", GRID_CONDITIONAL)
         if fidelity is not None and (pruner or default_pruner).type != "none":
             check.fail(f"{path}.pruner.type", "must be none with a ladder: the ladder decides which configurations continue")
-        region = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check) if "searchSpace" in raw else ()
+        region = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check, region=True) if "searchSpace" in raw else ()
         _check_region(region, space, f"{path}.searchSpace", check)
         fixed = check.mapping(raw.get("fixed"), f"{path}.fixed")
         params = check.mapping(raw.get("params"), f"{path}.params")
@@ -476,6 +510,10 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
                 check.fail(where, "must be a parameter name (letters, digits, '_')")
             elif not isinstance(item, (str, int, float, bool)):
                 check.fail(where, f"must be a string, number or boolean, got {item!r}")
+        for param in space:  # a baseline's conditional parameter would be dropped where its condition does not hold
+            if param.name in params and not applies(param, params):
+                condition = " and ".join(f"{parent} in {list(choices)!r}" for parent, choices in param.when)
+                check.fail(f"{path}.params.{param.name}", f"applies only when {condition}: give its parents in params too")
         seeds = check.integer(raw.get("seeds"), f"{path}.seeds", default=3 if kind == "validate" else 1, minimum=1,
                               maximum=MAX_SEEDS) or 1
         top_k = check.integer(raw.get("topK"), f"{path}.topK", default=5, minimum=1, maximum=MAX_TOP_K) or 5
@@ -566,7 +604,7 @@ def _parse_checkpoints(value: dict, check: _Checker) -> Checkpoints:
 def _parse_fidelity(value: Any, objective: Objective, check: _Checker, path: str = "spec.fidelity") -> Fidelity | None:
     value = check.mapping(value, path)
     check.unknown_keys(value, path, {"levels", "reductionFactor", "initialTrials", "mode", "resumeFromCheckpoint",
-                                     "correlationWarning", "checkpointVolume", "brackets"})
+                                     "correlationWarning", "costWarning", "checkpointVolume", "brackets"})
     raw_levels = value.get("levels")
     if not isinstance(raw_levels, list) or not 2 <= len(raw_levels) <= MAX_LEVELS:
         check.fail(f"{path}.levels", f"needs 2 to {MAX_LEVELS} levels, lowest fidelity first")
@@ -597,6 +635,10 @@ def _parse_fidelity(value: Any, objective: Objective, check: _Checker, path: str
     if isinstance(correlation, bool) or not isinstance(correlation, (int, float)) or not -1 <= correlation <= 1:
         check.fail(f"{path}.correlationWarning", f"must be a number in [-1, 1], got {correlation!r}")
         correlation = 0.5
+    cost = value.get("costWarning", 0.5)
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 < cost <= 1:
+        check.fail(f"{path}.costWarning", f"must be a number in (0, 1], a share of a top-level run's cost, got {cost!r}")
+        cost = 0.5
     resume = value.get("resumeFromCheckpoint", True)
     if not isinstance(resume, bool):
         check.fail(f"{path}.resumeFromCheckpoint", f"must be true or false, got {resume!r}")
@@ -611,6 +653,7 @@ def _parse_fidelity(value: Any, objective: Objective, check: _Checker, path: str
         mode=check.choice(value.get("mode"), f"{path}.mode", FIDELITY_MODES, "synchronous"),
         resume_from_checkpoint=resume is True,
         correlation_warning=float(correlation),
+        cost_warning=float(cost),
         checkpoint_volume=volume,
         brackets=check.integer(value.get("brackets"), f"{path}.brackets", default=1, minimum=1, maximum=MAX_LEVELS) or 1,
     )
@@ -695,7 +738,8 @@ def _parse_pruner(value: dict, check: _Checker, path: str = "spec.pruner") -> Pr
     return pruner
 
 
-def _parse_search_space(value: Any, path: str, check: _Checker) -> tuple[Param, ...]:
+def _parse_search_space(value: Any, path: str, check: _Checker, region: bool = False) -> tuple[Param, ...]:
+    """The parameters, in order; ``region``: a stage's searchSpace, which narrows ranges and has no conditions."""
     if value is None:
         check.fail(path, "is required: the parameters to tune")
         return ()
@@ -713,7 +757,7 @@ def _parse_search_space(value: Any, path: str, check: _Checker) -> tuple[Param, 
     params: list[Param] = []
     seen: dict[str, str] = {}
     for entry_path, entry in entries:
-        param = _parse_param(entry, entry_path, check)
+        param = _parse_param(entry, entry_path, check, region)
         if param is None:
             continue
         if param.name in seen:
@@ -721,14 +765,71 @@ def _parse_search_space(value: Any, path: str, check: _Checker) -> tuple[Param, 
             continue
         seen[param.name] = entry_path
         params.append(param)
+    _check_conditions(params, entries, check)
     return tuple(params)
 
 
-def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
+def _check_conditions(params: list[Param], entries: list[tuple[str, Any]], check: _Checker) -> None:
+    """Each parent a parameter's when names is a categorical listed before it (so no parameter depends on itself,
+    directly or through a cycle), and each listed choice is one of the parent's. The API server checks the same,
+    except the choices, which its rules cannot see (they are untyped)."""
+    order: dict[str, tuple[int, str]] = {}  # name -> (index, path) of its first declaration
+    for index, (path, entry) in enumerate(entries):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            order.setdefault(entry["name"], (index, path))
+    by_name = {param.name: param for param in params}
+    for param in params:
+        index, path = order[param.name]
+        for parent, choices in param.when:
+            where = f"{path}.when.{parent}"
+            found = by_name.get(parent)
+            if parent == param.name:
+                check.fail(where, f"{param.name!r} cannot be conditional on itself")
+            elif parent not in order:
+                check.fail(where, f"unknown parameter {parent!r}: a parent must be a categorical parameter of the search space")
+            elif order[parent][0] > index:
+                check.fail(where, f"the parent {parent!r} must be listed before {param.name!r}: a parent comes before its "
+                           "children in the search space (which also rules out cycles)")
+            elif found is None:
+                continue  # the parent is invalid itself, and reported at its own path
+            elif not isinstance(found, CategoricalParam):
+                kind = "an int" if isinstance(found, IntParam) else "a float"
+                check.fail(where, f"the parent {parent!r} must be a categorical parameter, it is {kind} one")
+            else:
+                for number, choice in enumerate(choices):
+                    if not any(same_choice(choice, option) for option in found.choices):
+                        check.fail(f"{where}[{number}]", f"{choice!r} is not a choice of {parent!r} "
+                                   f"({', '.join(map(repr, found.choices))})")
+
+
+def _parse_when(value: Any, path: str, check: _Checker) -> When:
+    """{parent: [choices]}: the parameter applies only where every parent took one of its listed choices."""
+    if not isinstance(value, dict) or not value:
+        check.fail(path, "must map parent parameters to lists of their choices, e.g. {encoder: [conformer, transformer]}")
+        return ()
+    if len(value) > MAX_PARENTS:
+        check.fail(path, f"must name at most {MAX_PARENTS} parents, got {len(value)}")
+    when: list[tuple[str, tuple[Any, ...]]] = []
+    for parent, choices in value.items():
+        where = f"{path}.{parent}"
+        if not isinstance(choices, list) or not choices:
+            check.fail(where, f"must be a non-empty list of {parent!r}'s choices in which this parameter applies")
+            continue
+        if len(choices) > MAX_CHOICES:
+            check.fail(where, f"must list at most {MAX_CHOICES} choices, got {len(choices)}")
+        for index, choice in enumerate(choices):
+            if isinstance(choice, bool) or not isinstance(choice, (str, int)):
+                check.fail(f"{where}[{index}]", f"must be a string or an integer (a choice of {parent!r}), got {choice!r}")
+        when.append((str(parent), tuple(choices)))
+    return tuple(when)
+
+
+def _parse_param(entry: Any, path: str, check: _Checker, region: bool = False) -> Param | None:
     if not isinstance(entry, dict):
         check.fail(path, "must be a mapping like {name: lr, float: {low: 1e-5, high: 1e-3, log: true}}")
         return None
-    check.unknown_keys(entry, path, {"name", "int", "float", "categorical"})
+    check.unknown_keys(entry, path, {"name", "int", "float", "categorical"} | (set() if region else {"when"}))
+    when = _parse_when(entry["when"], f"{path}.when", check) if "when" in entry and not region else ()
     name = entry.get("name")
     if not isinstance(name, str) or not PARAM_NAME.match(name) or len(name) > MAX_NAME:
         check.fail(f"{path}.name", f"must be an identifier (letters, digits, '_', at most {MAX_NAME} characters), got {name!r}")
@@ -750,7 +851,7 @@ def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
                 check.fail(f"{path}.categorical[{index}]", f"choices must be strings, numbers, booleans or null, got {choice!r}")
         if len(set(map(repr, body))) != len(body):
             check.fail(f"{path}.categorical", f"parameter {name!r} has duplicate choices")
-        return CategoricalParam(name=name, choices=tuple(body))
+        return CategoricalParam(name=name, choices=tuple(body), when=when)
     body = check.mapping(body, f"{path}.{kind}")
     check.unknown_keys(body, f"{path}.{kind}", {"low", "high", "step", "log"})
     low = check.number(body.get("low"), f"{path}.{kind}.low")
@@ -776,13 +877,13 @@ def _parse_param(entry: Any, path: str, check: _Checker) -> Param | None:
         for bound, number in (("low", low), ("high", high), ("step", step)):
             if number is not None and not float(number).is_integer():
                 check.fail(f"{path}.int.{bound}", f"must be a whole number for an int parameter, got {number:g}")
-        return IntParam(name=name, low=int(low), high=int(high), step=int(step or 1), log=log)
-    return FloatParam(name=name, low=low, high=high, step=step, log=log)
+        return IntParam(name=name, low=int(low), high=int(high), step=int(step or 1), log=log, when=when)
+    return FloatParam(name=name, low=low, high=high, step=step, log=log, when=when)
 
 
 def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     path = "spec.trialTemplate"
-    check.unknown_keys(value, path, {"image", "command", "args", "env", "resources", "workers"})
+    check.unknown_keys(value, path, {"image", "command", "args", "env", "resources", "workers", "replicas"})
     command = value.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command):
         check.fail(f"{path}.command", "is required: a non-empty list of strings, e.g. [speechtune-trainer, asr]")
@@ -799,7 +900,17 @@ def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
         command=tuple(command), args=tuple(str(arg) for arg in args), image=image,
         env=env, resources=_parse_resources(check.mapping(value.get("resources"), f"{path}.resources"), f"{path}.resources", check),
         workers=_parse_workers(check.mapping(value.get("workers"), f"{path}.workers"), check),
+        replicas=_parse_replicas(value, path, check),
     )
+
+
+def _parse_replicas(value: dict, path: str, check: _Checker) -> int:
+    """trialTemplate.replicas: pods per trial (docs/operator.md, "Trials across pods"); one warm worker is one pod."""
+    replicas = check.integer(value.get("replicas"), f"{path}.replicas", default=1, minimum=1, maximum=MAX_REPLICAS)
+    workers = value.get("workers") if isinstance(value.get("workers"), dict) else {}
+    if isinstance(replicas, int) and replicas > 1 and workers.get("mode") == "warm":
+        check.fail(f"{path}.replicas", "must be 1 with workers.mode warm: a warm worker is one pod")
+    return replicas if isinstance(replicas, int) and 1 <= replicas <= MAX_REPLICAS else 1
 
 
 def _parse_env(env: Any, path: str, check: _Checker) -> dict[str, str]:

@@ -199,21 +199,29 @@ def test_renders_pass_server_side_dry_run_without_pod_security_warnings(monitori
     assert "PodSecurity" not in out.stderr, out.stderr
 
 
-def run_study(cluster, namespace: str, name: str, operator_log, timeout: float, pods_seen: dict | None = None) -> tuple[dict, str]:
+def run_study(cluster, namespace: str, name: str, operator_log, timeout: float, pods_seen: dict | None = None,
+              several_pods: bool = False) -> tuple[dict, str]:
     """Apply a small study that touches every permission (Secret storage URL, warm worker pods with
     their token Secrets, a promotion up a two-level ladder, trials kept to one, Events) and wait until
     it ends or the operator logs a refusal; the status and the log. ``pods_seen`` collects the study's
-    pods while it runs (worker pods go with the study's end)."""
+    pods while it runs (worker pods go with the study's end). ``several_pods``: a second study, ``<name>-pods``,
+    runs a trial of 2 pods (its headless Service) alongside, and is waited for too."""
     ladder = {"levels": [{"name": "low", "overrides": {"epochs": 1}}, {"name": "high", "overrides": {"epochs": 3}}],
               "reductionFactor": 2, "initialTrials": 2}
     body = small_study(name, ["--sleep", "0.1"], parallelism=2, fidelity=ladder, retention={"keepTrials": 1},
                        storage={"secretRef": {"name": "study-db", "key": "url"}})
     body["spec"]["trialTemplate"]["workers"] = {"mode": "warm", "stopGraceSeconds": 5}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+    if several_pods:
+        pair = small_study(f"{name}-pods", ["--epochs", "1"], storage={"secretRef": {"name": "study-db", "key": "url"}})
+        pair["spec"]["trialTemplate"]["replicas"] = 2
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pair))
     deadline = time.monotonic() + timeout
     while True:
         log = operator_log.read_text() if operator_log.exists() else ""
         status = study_status(cluster, namespace, name)
+        if several_pods and study_status(cluster, namespace, f"{name}-pods").get("state") not in ("Succeeded", "Failed"):
+            status = {**status, "state": None}  # not done until both are
         if pods_seen is not None:
             pods_seen.update((pod["metadata"]["name"], pod) for pod in
                              get_json(cluster, "pods", "-n", namespace, "-l", f"speechtune.io/study={name}")["items"])
@@ -309,7 +317,7 @@ def test_every_rule_of_the_charts_role_is_needed(installed, tmp_path):
         log = tmp_path / f"operator-{index}.log"
         operator = operator_process(cluster, deployment, kubeconfig, log)
         try:
-            status, text = run_study(cluster, team, f"without-rule-{index}", log, timeout=60)
+            status, text = run_study(cluster, team, f"without-rule-{index}", log, timeout=60, several_pods=True)
         finally:
             stop_operator(operator)
             remove_studies(cluster, team)

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -39,6 +40,7 @@ HEARTBEAT_SECONDS = 10
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0  # status reports the API server did not take: backoff
 REQUEST_TIMEOUT = (5, 15)  # connect, read: a hung API server must not hold a pod's status forever
 POD_IP = "127.0.0.1"
+RENDEZVOUS_PORT_VARS = ("MASTER_PORT", "PET_MASTER_PORT")  # a pod with a subdomain: its Job's own loopback port
 
 
 def now() -> dt.datetime:
@@ -403,7 +405,7 @@ class PodRunner(threading.Thread):
             "PATH": f"{self.agent.repo / '.venv' / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": os.environ.get("HOME", "/root"),
             "LANG": "C.UTF-8",
-            "HOSTNAME": meta["name"],
+            "HOSTNAME": self.pod["spec"].get("hostname") or meta["name"],
         }
         for source in spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
@@ -420,11 +422,37 @@ class PodRunner(threading.Thread):
             else:
                 value = expand(var.get("value", ""), env)
             env[var["name"]] = value
+        self.loopback_rendezvous(env)
         if not spec.get("command"):
             raise ContainerConfigError(
                 f"container {spec['name']!r} has no command: the node agent cannot run image "
                 f"{spec.get('image')!r}'s entrypoint, so the pod spec must set command")
         return [expand(a, env) for a in spec["command"] + (spec.get("args") or [])], env
+
+    def loopback_rendezvous(self, env: dict[str, str]) -> None:
+        """What a pod with a subdomain (a headless Service: an Indexed Job's rendezvous) gets from cluster DNS and
+        its own network namespace, on one loopback: a variable naming a pod of its subdomain
+        (``<hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]]``) reads 127.0.0.1, every pod's IP here; and
+        MASTER_PORT / PET_MASTER_PORT read a free port of the Job's own, the same in all its pods, so that the
+        rendezvous of Jobs that run at once do not meet on one port."""
+        subdomain = self.pod["spec"].get("subdomain")
+        if not subdomain:
+            return
+        namespace = self.pod["metadata"]["namespace"]
+        pod_name = re.compile(rf"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.{re.escape(subdomain)}"
+                              rf"(\.{re.escape(namespace)}(\.svc(\.cluster\.local)?)?)?\.?")
+        for name, value in env.items():
+            if pod_name.fullmatch(value):
+                env[name] = POD_IP
+        for name in RENDEZVOUS_PORT_VARS:
+            if name in env:
+                env[name] = str(self.agent.rendezvous_port(self.rendezvous))
+
+    @property
+    def rendezvous(self) -> tuple[str, str] | None:
+        """The pods that share a rendezvous port: those of one subdomain of one namespace (None: no subdomain)."""
+        subdomain = self.pod["spec"].get("subdomain")
+        return (self.pod["metadata"]["namespace"], subdomain) if subdomain else None
 
     def env_from(self, source: dict) -> str | None:
         meta = self.pod["metadata"]
@@ -477,6 +505,21 @@ class NodeAgent:
         self.by_name: dict[str, PodRunner] = {}
         self.lock = threading.RLock()  # re-entered by the SIGTERM handler on the main thread
         self.stopping = threading.Event()
+        self.rendezvous_ports: dict[tuple[str, str], int] = {}  # (namespace, subdomain) -> its loopback port
+
+    def rendezvous_port(self, key: tuple[str, str]) -> int:
+        """A free loopback port for the pods of one subdomain, the same for each of them while any of them is here."""
+        with self.lock:
+            if key not in self.rendezvous_ports:
+                taken = set(self.rendezvous_ports.values())
+                while True:
+                    with socket.socket() as sock:
+                        sock.bind((POD_IP, 0))
+                        port = sock.getsockname()[1]
+                    if port not in taken:
+                        break
+                self.rendezvous_ports[key] = port
+            return self.rendezvous_ports[key]
 
     # --- nodes
 
@@ -607,6 +650,8 @@ class NodeAgent:
                 return
             if self.by_name.get(runner.key) is runner:
                 del self.by_name[runner.key]
+            if runner.rendezvous and not any(other.rendezvous == runner.rendezvous for other in self.runners.values()):
+                self.rendezvous_ports.pop(runner.rendezvous, None)
         runner.kill_now()
         runner.join(timeout=5)
         shutil.rmtree(runner.dir, ignore_errors=True)

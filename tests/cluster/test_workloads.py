@@ -153,3 +153,33 @@ def test_deleting_running_pod_sends_sigterm_and_completes_the_deletion(kube_clus
     kube_cluster.kubectl("delete", "pod", "graceful", "-n", kube_namespace, "--wait=true", "--timeout=50s")
     # Had SIGTERM not reached the process, deletion would take the full 60 s grace period.
     assert time.monotonic() - start < 30
+
+
+def test_an_indexed_jobs_pods_meet_on_loopback_with_their_jobs_own_port(kube_cluster, kube_namespace):
+    """A pod with a subdomain (a headless Service's) reads a variable naming a pod of that subdomain as 127.0.0.1,
+    and MASTER_PORT as a free port of its Job's own, the same in each of its pods (docs/cluster.md)."""
+    code = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+            "('MASTER_ADDR', 'MASTER_PORT', 'PET_MASTER_ADDR', 'NODE_RANK', 'HOSTNAME', 'OTHER')}))")
+    rank = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    env = [{"name": "MASTER_ADDR", "value": "pair-0.pair"}, {"name": "MASTER_PORT", "value": "29500"},
+           {"name": "PET_MASTER_ADDR", "value": f"pair-0.pair.{kube_namespace}.svc.cluster.local"},
+           {"name": "NODE_RANK", "valueFrom": rank}, {"name": "OTHER", "value": "pair-0.elsewhere"}]
+    jobs = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": {
+        "completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "subdomain": name,
+            "containers": [{"name": "main", "image": "python:3.11", "command": ["python", "-c", code], "env": env}]}}}}
+        for name in ("pair", "other")]
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input="\n---\n".join(map(json.dumps, jobs)))
+    seen = {}
+    for name in ("pair", "other"):
+        kube_cluster.kubectl("wait", "--for=condition=Complete", f"job/{name}", "-n", kube_namespace, "--timeout=60s")
+        for index in (0, 1):
+            pod = kube_cluster.kubectl("get", "pods", "-n", kube_namespace, "-o", "name", "-l",
+                                       f"batch.kubernetes.io/job-name={name},batch.kubernetes.io/job-completion-index={index}")
+            seen[name, index] = json.loads(kube_cluster.kubectl("logs", pod.stdout.strip(), "-n", kube_namespace).stdout)
+    pair = seen["pair", 0]
+    assert (pair["MASTER_ADDR"], pair["PET_MASTER_ADDR"], pair["OTHER"]) == ("127.0.0.1", "127.0.0.1", "pair-0.elsewhere")
+    assert [seen["pair", i]["NODE_RANK"] for i in (0, 1)] == ["0", "1"]
+    assert [seen["pair", i]["HOSTNAME"] for i in (0, 1)] == ["pair-0", "pair-1"]
+    assert seen["pair", 0]["MASTER_PORT"] == seen["pair", 1]["MASTER_PORT"] != "29500"
+    assert seen["other", 0]["MASTER_PORT"] == seen["other", 1]["MASTER_PORT"] != seen["pair", 0]["MASTER_PORT"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path, PurePath
@@ -208,3 +209,64 @@ def test_a_replayed_study_is_the_same_every_time(recording, tmp_path):
         return [(round(c.end, 9), c.number, c.config, c.last) for c in backend.ledger]
 
     assert once(tmp_path / "a") == once(tmp_path / "b")
+
+
+
+NEMO_RECORDING = RECORDING.with_name("curves.json")  # real NeMo costs (bench/record_curves.py), warm and cold
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+def test_each_level_run_records_its_charged_cost_and_the_ladder_flags_levels_that_cost_too_much(tmp_path, start):
+    nemo = Recording.load(NEMO_RECORDING)
+    levels = [{"name": "low", "overrides": {"epochs": 1}}, {"name": "mid", "overrides": {"epochs": 2}},
+              {"name": "full", "overrides": {"epochs": nemo.epochs}}]
+    study = spec.parse_study({
+        "metadata": {"name": "costed-ladder"},
+        "spec": {
+            "objective": {"metric": "wer"}, "parallelism": 2,
+            "sampler": {"type": "random", "seed": 1},
+            "searchSpace": json.loads(NEMO_RECORDING.read_text())["meta"]["space"],
+            "trialTemplate": {"command": ["replay"]},
+            "fidelity": {"levels": levels, "reductionFactor": 3, "initialTrials": 9, "mode": "asynchronous",
+                         "checkpointVolume": "/replay-checkpoints"},
+            "storage": {"url": f"sqlite:///{tmp_path}/replay.db"},
+        },
+    })
+    backend = ReplayBackend(nemo, start=start)
+    events = []
+    engine = Executor(study, ReplayStorage.open(study.storage.url), backend, notify=events.append,
+                      checkpoint_root=PurePath("/replay-checkpoints"), checkpoint_files_here=False)
+    assert run_virtual(engine.run()).state == "Succeeded"
+    # each trial's seconds_<level> is what its run was charged (on the virtual clock, CPU-s)
+    stored = sorted(t.user_attrs[f"seconds_{level['name']}"] for t in engine.trials() for level in levels
+                    if f"seconds_{level['name']}" in t.user_attrs)
+    assert stored == pytest.approx(sorted(charge.cpu_s for charge in backend.ledger), abs=1e-6)
+    # levels that differ only in epochs resume: reaching mid costs low's run plus mid's
+    reach: dict[str, list[float]] = {level["name"]: [] for level in levels}
+    for trial in engine.trials():
+        total = 0.0
+        for level in levels:
+            if f"seconds_{level['name']}" not in trial.user_attrs:
+                break
+            total += trial.user_attrs[f"seconds_{level['name']}"]
+            reach[level["name"]].append(total)
+    shares = engine.study.user_attrs["fidelity_costs"]
+    for name in ("low", "mid"):
+        assert shares[name]["share"] == pytest.approx(statistics.median(reach[name]) / statistics.median(reach["full"]), abs=1e-3)
+    # what a run spends before its first epoch (its first report less the gap to its second) is the recording's set-up,
+    # plus the import start-up when cold: within the difference of two epochs' costs
+    rungs = {rung["name"]: rung for rung in engine.scheduler.rungs()}
+    setup = statistics.median(nemo.snap(t.params).curves["full"].setup_cpu_s for t in engine.trials())
+    expected = setup + (nemo.startup_cpu_s if start == "cold" else 0.0)
+    assert rungs["full"]["startupSeconds"] == pytest.approx(expected, abs=1.0)
+    assert (shares["low"]["runs"], shares["mid"]["runs"]) == (9, 3)
+    rungs = {rung["name"]: rung for rung in engine.scheduler.rungs()}
+    assert rungs["full"]["costShare"] == 1.0 and rungs["low"]["costShare"] == shares["low"]["share"]
+    # flagged exactly when above costWarning 0.5: one NeMo epoch of four is cheap warm, not cold (14 CPU-s of imports a run)
+    costly = [e for e in events if e.kind == "proxy-costly"]
+    assert [e.message.split()[2] for e in costly] == [name for name in ("low", "mid") if shares[name]["costly"]]
+    assert [name for name in ("low", "mid") if shares[name]["costly"]] == (["low", "mid"] if start == "cold" else ["mid"])
+    assert all("warm workers" in e.message for e in costly)  # the study runs cold processes: the hint applies
+    # cold, start-up is why low costs too much: the imports take most of a 1-epoch run
+    assert (shares["low"]["startupShare"] > 0.5) == (start == "cold")
+    assert all(("start-up, not training" in e.message) == (start == "cold") for e in costly)

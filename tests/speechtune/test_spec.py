@@ -110,6 +110,15 @@ def staged(*stages):
 COARSE = {"name": "coarse", "kind": "search", "maxTrials": 4}
 FINE = {"name": "fine", "kind": "refine", "maxTrials": 4}
 GPU = "nvidia.com/gpu"
+ENCODER = {"name": "encoder", "categorical": ["conformer", "lstm"]}
+CHILD = {"name": "heads", "int": {"low": 2, "high": 8}}
+
+
+def conditional(when):
+    """manifest()'s space with a conditional parameter (heads, when ...) appended at [3]."""
+    return lambda document: document["spec"]["searchSpace"].append({**CHILD, "when": copy.deepcopy(when)})
+
+
 NOT_A_MAP_KEY = ("CEL cannot see the keys (or the untyped values) of such a map, and a structural schema has no propertyNames: "
                  "the API server admits it, the operator's parser fails the study with reason InvalidSpec")
 
@@ -347,6 +356,51 @@ INVALID = [
     Invalid("region choices outside the space", staged(dict(COARSE, searchSpace=[{"name": "encoder", "categorical": ["gru"]}])),
             "spec.stages[1].searchSpace[0].categorical", "are not in spec.searchSpace",
             operator_only="CEL cannot see categorical choices (they are untyped)"),
+    # conditional parameters (when): manifest()'s space is lr, num_layers, encoder [conformer, lstm]; the child is [3]
+    Invalid("when names an unknown parent", conditional({"decoder": ["ctc"]}), "spec.searchSpace[3].when.decoder",
+            "unknown parameter 'decoder'", api_field="spec.searchSpace", api_words="names a parent that is not in spec.searchSpace"),
+    Invalid("when on an int parent", conditional({"num_layers": [4]}), "spec.searchSpace[3].when.num_layers",
+            "must be a categorical parameter, it is an int one", api_field="spec.searchSpace",
+            api_words="must be a categorical parameter, not an int or float one"),
+    Invalid("when on a float parent", conditional({"lr": [1]}), "spec.searchSpace[3].when.lr",
+            "must be a categorical parameter, it is a float one", api_field="spec.searchSpace",
+            api_words="must be a categorical parameter, not an int or float one"),
+    Invalid("when choice not among the parent's", conditional({"encoder": ["conformer", "gru"]}),
+            "spec.searchSpace[3].when.encoder[1]", "'gru' is not a choice of 'encoder'",
+            operator_only="CEL cannot see categorical choices (they are untyped)"),
+    Invalid("conditional on itself", space({"name": "heads", "categorical": ["a", "b"], "when": {"heads": ["a"]}}),
+            "spec.searchSpace[0].when.heads", "cannot be conditional on itself", api_field="spec.searchSpace",
+            api_words="a parent must be listed before its children"),
+    Invalid("parent listed after its child", space({**CHILD, "when": {"encoder": ["conformer"]}}, ENCODER),
+            "spec.searchSpace[0].when.encoder", "must be listed before 'heads'", api_field="spec.searchSpace",
+            api_words="a parent must be listed before its children"),
+    Invalid("a cycle of two", space(dict(ENCODER, when={"kind": ["abs"]}), {"name": "kind", "categorical": ["abs", "rel"],
+                                                                           "when": {"encoder": ["conformer"]}}),
+            "spec.searchSpace[0].when.kind", "must be listed before 'encoder'", api_field="spec.searchSpace",
+            api_words="a parent must be listed before its children"),
+    Invalid("when choice a boolean", conditional({"encoder": [True]}), "spec.searchSpace[3].when.encoder[0]",
+            "must be a string or an integer", api_words="must be of type"),
+    Invalid("when an empty map", conditional({}), "spec.searchSpace[3].when", "must map parent parameters",
+            api_words="should have at least 1 properties"),
+    Invalid("when an empty list", conditional({"encoder": []}), "spec.searchSpace[3].when.encoder", "must be a non-empty list",
+            api_words="should have at least 1 items"),
+    Invalid("when with nine parents", space(*({"name": f"c{i}", "categorical": ["a"]} for i in range(9)),
+                                            dict(CHILD, when={f"c{i}": ["a"] for i in range(9)})),
+            "spec.searchSpace[9].when", "at most 8 parents", api_words="must have at most 8 items"),
+    Invalid("grid over a conditional space", changes(put("spec.sampler", {"type": "grid"}), put("spec.pruner", {"type": "none"}),
+                                                     space(ENCODER, {**CHILD, "when": {"encoder": ["conformer"]}})),
+            "spec.sampler.type", "the grid sampler needs a fixed search space"),
+    Invalid("stage grid over a conditional space", changes(conditional({"encoder": ["conformer"]}),
+                                                           staged(dict(COARSE, sampler={"type": "grid"}))),
+            "spec.stages[1].sampler.type", "the grid sampler needs a fixed search space", api_field="spec.stages"),
+    Invalid("when in a stage's region", staged(dict(COARSE, searchSpace=[{**CHILD, "name": "num_layers",
+                                                                          "when": {"encoder": ["conformer"]}}])),
+            "spec.stages[1].searchSpace[0].when", "unknown field"),
+    Invalid("baseline params with a conditional parameter whose condition is false",
+            changes(conditional({"encoder": ["conformer"]}), put("spec.stages", [{"name": "baseline", "kind": "baseline", "params": {
+                "encoder": "lstm", "heads": 4}}])),
+            "spec.stages[0].params.heads", "applies only when encoder in ['conformer']",
+            operator_only="a stage's params stays an untyped object (as its fixed), so CEL cannot see its values"),
     Invalid("warm start study name too long", put("spec.warmStart", {"study": "s" * 513, "topK": 1}), "spec.warmStart.study",
             "at most 512"),
     Invalid("warm start top k above 1000", put("spec.warmStart", {"study": "source", "topK": 1001}), "spec.warmStart.topK",

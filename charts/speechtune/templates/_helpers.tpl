@@ -75,6 +75,10 @@ Shared by the per-namespace Roles and the cluster-wide ClusterRole.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create, delete]
+# Trials of several pods (trialTemplate.replicas): a headless Service per run gives the pods their DNS names.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create]
 # Trial pods: watched for phase and exit code; their logs carry the metrics.
 - apiGroups: [""]
   resources: [pods]

@@ -189,7 +189,7 @@ GROUP, VERSION = "speechtune.io", "v1alpha1"
 def path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
     """The URL path of a namespaced collection or object, e.g. path("jobs", "ns", "j1")."""
     base = {
-        "pods": "/api/v1", "secrets": "/api/v1", "events": "/api/v1",
+        "pods": "/api/v1", "secrets": "/api/v1", "events": "/api/v1", "services": "/api/v1",
         "jobs": "/apis/batch/v1",
         "speechtuningstudies": f"/apis/{GROUP}/{VERSION}", "speechtuningtrials": f"/apis/{GROUP}/{VERSION}",
     }[kind]

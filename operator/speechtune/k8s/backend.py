@@ -1,5 +1,8 @@
 """The Kubernetes backend: each run of a trial is a Job, owned by its SpeechTuningTrial; metrics come from pod logs.
 
+A trial of several pods (trialTemplate.replicas) is an Indexed Job plus its headless
+Service; its metrics come from index 0's log only, and it ends as exits.classify says.
+
 One backend serves one study. Two watches (the study's Jobs and pods) keep an
 in-memory view that every run consults, so a run costs one log stream and
 no polling; nothing here runs in a thread. Names are deterministic (study +
@@ -23,8 +26,8 @@ from speechtune.k8s import exits
 from speechtune.k8s.api import Api, ApiError, path
 from speechtune.k8s.logs import Backoff, LogCursor
 from speechtune.k8s.manifests import (
-    API_VERSION, ATTEMPT_LABEL, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job, build_trial,
-    job_name, rung_patch, trial_name,
+    API_VERSION, ATTEMPT_LABEL, CONTAINER, STUDY_LABEL, TRIAL_KIND, TRIAL_LABEL, JobOptions, Owner, build_job,
+    build_rendezvous_service, build_trial, completion_index, job_name, rung_patch, trial_name,
 )
 from speechtune.local import LaunchError
 from speechtune.protocol import parse_line
@@ -102,22 +105,31 @@ class KubernetesJobBackend:
         refill, so launches overlap. A request that cannot succeed ends the run
         with reason LaunchError.
         """
-        run = KubernetesRun(self, (launch.number, launch.attempt), job_name(self.study.name, launch.number, launch.attempt))
+        run = KubernetesRun(self, (launch.number, launch.attempt), self.job_name(launch.number, launch.attempt))
         run.created = asyncio.create_task(self._create(launch), name=f"create-{run.name}")
         self._creating.add(run.created)
         run.created.add_done_callback(self._creating.discard)
         return run
 
     async def _create(self, launch: TrialLaunch) -> None:
-        key, name = (launch.number, launch.attempt), job_name(self.study.name, launch.number, launch.attempt)
+        key, name = (launch.number, launch.attempt), self.job_name(launch.number, launch.attempt)
+        what = f"trial {launch.number}: cannot create its Job {name}"
         async with self._launch_gate:
             try:
                 owner = await self.ensure_trial(launch)
                 jobs = path("jobs", self.namespace)
-                job = await self.api.create(jobs, build_job(owner, launch, self.options, self.study.name))
+                body = build_job(owner, launch, self.options, self.study.name)
+                if self.options.replicas > 1:  # the pods' DNS names first (AlreadyExists: launched before a restart)
+                    service = build_rendezvous_service(owner, body)
+                    what = f"trial {launch.number}: cannot create its rendezvous Service {service['metadata']['name']}"
+                    await self.api.create(path("services", self.namespace), service)
+                    what = f"trial {launch.number}: cannot create its Job {name}"
+                job = await self.api.create(jobs, body)
                 job = job or await self.api.get(f"{jobs}/{name}")  # AlreadyExists: launched before a restart
             except ApiError as error:
-                raise refused(error, f"trial {launch.number}: cannot create its Job {name}") from error
+                if error.status == 403:  # RBAC: the operator's own account lacks a rule; its log says which
+                    log.warning("%s: %s", what, error)
+                raise refused(error, what) from error
         self._note_job(key, job)
 
     async def ensure_trial(self, launch: TrialLaunch) -> Owner:
@@ -137,8 +149,11 @@ class KubernetesJobBackend:
             await self.api.patch(f"{trials}/{trial_object}", rung_patch(launch.rung))
         return Owner(API_VERSION, TRIAL_KIND, trial_object, uid)
 
+    def job_name(self, number: int, attempt: str = "") -> str:
+        return job_name(self.study.name, number, attempt, self.options.replicas)
+
     async def attach(self, study: str, number: int, attempt: str = "") -> "KubernetesRun | None":
-        name = job_name(self.study.name, number, attempt)
+        name = self.job_name(number, attempt)
         job = await self.api.get(path("jobs", self.namespace, name))
         if job is None:
             return None
@@ -324,7 +339,8 @@ class KubernetesRun:
         return None
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """Every line of every pod of the Job (a retried Job has several), oldest pod first."""
+        """Every line of every pod of the Job (a retried Job has several), oldest pod first; of a Job of several
+        pods (an Indexed Job), index 0's only: the other ranks' output is theirs, not the trial's."""
         self.backend._readers.add(asyncio.current_task())
         if await self._launch_failure() is not None:
             return
@@ -343,13 +359,14 @@ class KubernetesRun:
             self.backend.changed(self.key).clear()
             if self._stopped:
                 return None
-            for pod in self.backend.pods_of(self.key):
+            pods = [pod for pod in self.backend.pods_of(self.key) if completion_index(pod) in (None, 0)]
+            for pod in pods:
                 if pod["metadata"]["name"] not in read and exits.started(pod):
                     return pod["metadata"]["name"]
             if self.exit() is not None:
                 # A succeeded pod (read: it started) ends the Job; otherwise the Job's watch may be ahead
                 # of the pods' watch: list the pods before giving up on them.
-                if refreshed or any(map(exits.succeeded, self.backend.pods_of(self.key))):
+                if refreshed or any(map(exits.succeeded, pods)):
                     return None
                 await self.backend.refresh_pods(self.key)
                 refreshed = True
@@ -385,7 +402,7 @@ class KubernetesRun:
             self.backend.forget(self.key)
 
     async def stop(self) -> None:
-        """Delete the Job; the garbage collector deletes its pods (SIGTERM, then SIGKILL)."""
+        """Delete the Job; the garbage collector deletes its pods, all of them (SIGTERM, then SIGKILL)."""
         if self._stopped:
             return
         self._stopped = True

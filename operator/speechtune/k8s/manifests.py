@@ -2,13 +2,15 @@
 
 No I/O here, so every shape is unit-tested without a cluster. Ownership makes
 deletion cascade through the garbage collector: study -> Trial -> Job -> pod.
+A trial of several pods (trialTemplate.replicas) is an Indexed Job plus a headless
+Service for its pods' rendezvous, both owned by the Trial.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -33,6 +35,14 @@ CONTAINER = "trainer"
 MAX_NAME = 63  # Job names end up in a pod label (batch.kubernetes.io/job-name)
 CHECKPOINT_VOLUME = "checkpoints"
 CHECKPOINT_MOUNT = "/checkpoints"  # where spec.fidelity.checkpointVolume is mounted in every trial pod
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # an Indexed Job's pod: its index (annotation and label)
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods
+MASTER_PORT = 29500  # index 0's rendezvous port in a trial of several pods (torch.distributed's default)
+
+
+def reserved_label(key: str) -> bool:
+    """A label a template may not set (trialTemplate.labels): the operator's own, and those the Job controller sets."""
+    return key.startswith(("speechtune.io/", "batch.kubernetes.io/")) or key in MANAGED_BY
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class JobOptions:
     ttl_seconds_after_finished: int = 3600
     checkpoint_claim: str | None = None  # a PVC mounted at CHECKPOINT_MOUNT (spec.fidelity.checkpointVolume)
     service_account: str | None = None  # the pods' ServiceAccount (the chart's trial account); None: default
+    replicas: int = 1  # pods per trial (trialTemplate.replicas): above 1, an Indexed Job and a headless Service
+    labels: dict[str, str] = field(default_factory=dict)  # trialTemplate.labels: on every Job and pod (a Kueue queue)
 
 
 def trial_name(study: str, number: int) -> str:
@@ -69,21 +81,29 @@ def trial_name(study: str, number: int) -> str:
     return _fit(study, f"-{number}")
 
 
-def job_name(study: str, number: int, attempt: str = "") -> str:
+def job_name(study: str, number: int, attempt: str = "", replicas: int = 1) -> str:
     """The Job of one run of a trial: the Trial's name, plus the attempt (``digits-7-l1-medium``) when it has one.
 
     Each fidelity level and each validation seed of a configuration is its own Job,
     so a promoted configuration never finds its lower level's Job under its name.
+    An Indexed Job's pods are named ``<job>-<index>`` (their hostname, a DNS label):
+    with ``replicas`` pods the name leaves room for the highest index.
     """
     suffix = re.sub(r"[^a-z0-9-]+", "-", attempt.lower()).strip("-")
-    return _fit(study, f"-{number}" + (f"-{suffix}" if suffix else ""))
+    room = len(f"-{replicas - 1}") if replicas > 1 else 0
+    return _fit(study, f"-{number}" + (f"-{suffix}" if suffix else ""), MAX_NAME - room)
 
 
-def _fit(study: str, suffix: str) -> str:
-    if len(study) + len(suffix) <= MAX_NAME:
+def service_name(job: str) -> str:
+    """The headless Service of a several-pod run: the Job's name, made a DNS-1035 label (a letter first)."""
+    return job if job[:1].isalpha() else f"s{job}"
+
+
+def _fit(study: str, suffix: str, limit: int = MAX_NAME) -> str:
+    if len(study) + len(suffix) <= limit:
         return study + suffix
     digest = hashlib.sha256(study.encode()).hexdigest()[:6]
-    keep = MAX_NAME - len(suffix) - len(digest) - 1
+    keep = limit - len(suffix) - len(digest) - 1
     return f"{study[:keep].rstrip('-')}-{digest}{suffix}"
 
 
@@ -127,13 +147,68 @@ def build_job(trial: Owner, launch: TrialLaunch, options: JobOptions, study: str
 
     The pod gets the trainer's argv and env only: no service-account token and
     no database credentials (only the operator talks to the storage), and a
-    securityContext that passes the PodSecurity "restricted" profile.
+    securityContext that passes the PodSecurity "restricted" profile. With
+    ``options.replicas`` above 1, the Job is Indexed (``indexed``).
     """
+    name = job_name(study, launch.number, launch.attempt, options.replicas)
     command = list(launch.template.command)
-    env = [{"name": name, "value": value} for name, value in sorted(launch.env.items())]
+    env = [{"name": key, "value": value} for key, value in sorted(launch.env.items())]
+    if options.replicas > 1:
+        env += rendezvous_env(name, options.replicas)
     pod = _pod_spec(command, list(launch.argv[len(command):]), env, launch.template, options)
-    run_labels = {**labels(study, launch.number, launch.rung), ATTEMPT_LABEL: launch.attempt}
-    return _job(job_name(study, launch.number, launch.attempt), run_labels, {}, trial, options, pod)
+    job = _job(name, run_labels(launch, options, study), {}, trial, options, pod)
+    return indexed(job, options.replicas) if options.replicas > 1 else job
+
+
+def run_labels(launch: TrialLaunch, options: JobOptions, study: str) -> dict[str, str]:
+    """A run's Job and pods: the template's labels, then the operator's (which they cannot override)."""
+    return {**options.labels, **labels(study, launch.number, launch.rung), ATTEMPT_LABEL: launch.attempt}
+
+
+def rendezvous_env(job: str, replicas: int) -> list[dict[str, Any]]:
+    """What each pod of a several-pod run is told (the trainer's contract, docs/operator.md "Trials across pods"):
+    index 0's stable hostname and port, the number of pods, and its own index; the torchrun forms (PET_*) too."""
+    rank = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    address, port, pods = f"{job}-0.{service_name(job)}", str(MASTER_PORT), str(replicas)
+    return [{"name": "MASTER_ADDR", "value": address}, {"name": "MASTER_PORT", "value": port},
+            {"name": "WORLD_SIZE", "value": pods}, {"name": "NODE_RANK", "valueFrom": rank},
+            {"name": "PET_MASTER_ADDR", "value": address}, {"name": "PET_MASTER_PORT", "value": port},
+            {"name": "PET_NNODES", "value": pods}, {"name": "PET_NODE_RANK", "valueFrom": rank}]
+
+
+def indexed(job: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """``job`` as ``replicas`` pods that run together: an Indexed Job (pod i is ``<job>-i``, reachable as
+    ``<job>-i.<service>``), done when index 0 is, failed as a whole by the first pod that fails (naming it)."""
+    spec = job["spec"]
+    spec.update({
+        "completionMode": "Indexed", "completions": replicas, "parallelism": replicas,
+        "backoffLimit": 0,  # a retried pod could not rejoin its peers' rendezvous
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "NotIn", "values": [0]}}]},
+        "successPolicy": {"rules": [{"succeededIndexes": "0"}]},  # the metrics are index 0's
+    })
+    spec["template"]["spec"]["subdomain"] = service_name(job["metadata"]["name"])
+    return job
+
+
+def build_rendezvous_service(trial: Owner, job: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service that gives an Indexed Job's pods their DNS names (``<job>-<i>.<service>``), owned by
+    the Trial as the Job is; it publishes pods before they are ready, as a rendezvous needs."""
+    name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "labels": dict(job["metadata"]["labels"]),
+                     "ownerReferences": [trial.reference()]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {JOB_NAME_LABEL: name},
+                 "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]},
+    }
+
+
+def completion_index(pod: dict[str, Any]) -> int | None:
+    """An Indexed Job's pod's index (None for another pod)."""
+    value = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _pod_spec(command: list[str], args: list[str], env: list[dict[str, Any]], template: spec.TrialTemplate,
@@ -225,4 +300,4 @@ def build_worker_job(study: Owner, index: int, template: spec.TrialTemplate, opt
             {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": WORKER_TOKEN_KEY}}}]
     pod = _pod_spec(command, list(template.args), env, template, options)
     annotations = {TOKEN_ANNOTATION: token_sha256, SECRET_ANNOTATION: secret_uid}
-    return _job(name, worker_labels(study.name, index), annotations, study, options, pod)
+    return _job(name, {**options.labels, **worker_labels(study.name, index)}, annotations, study, options, pod)

@@ -61,6 +61,7 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "promoted": ("Normal", "TrialPromoted"),
     "level-done": ("Normal", "TrialLevelCompleted"),
     "proxy-unreliable": ("Warning", "ProxyUnreliable"),
+    "proxy-costly": ("Warning", "ProxyCostly"),
     "validated": ("Normal", "StudyValidated"),
     "failed": ("Warning", "TrialFailed"),
     "study-failed": ("Warning", "StudyFailed"),
@@ -454,6 +455,8 @@ class StudyRunner:
                                                        scheduler.bracket_status())
             extra_conditions.append(status.proxy_condition(extra["fidelity"]["correlations"],
                                                            scheduler.fidelity.correlation_warning, generation))
+            extra_conditions.append(status.cost_condition(attrs.get(record.COSTS, {}), scheduler.fidelity.cost_warning,
+                                                          generation))
         validation = status.validation_status(attrs.get(record.VALIDATION))
         if validation is not None:
             extra["validation"] = validation

@@ -1,7 +1,7 @@
 """What the operator writes into status: pure functions from Optuna's trials to the CRDs' status fields.
 
 Kubernetes API conventions: conditions Ready / Succeeded / Failed (and
-ProxyUnreliable with a fidelity ladder), each with reason, message,
+ProxyUnreliable and ProxyCostly with a fidelity ladder), each with reason, message,
 observedGeneration and a lastTransitionTime that moves only when its status does.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from speechtune.record import FAIL_MESSAGE, FAIL_REASON, LEVEL, STAGE, WARM_START_FROM
-from speechtune.schedulers.ladder import MIN_PAIRS
+from speechtune.schedulers.ladder import MIN_COST_RUNS, MIN_PAIRS, describe_cost
 
 STATES = {
     TrialState.WAITING: "Waiting", TrialState.RUNNING: "Running", TrialState.COMPLETE: "Complete",
@@ -122,6 +122,20 @@ def proxy_condition(correlations: list[dict[str, Any]], warning: float, generati
                          "; ".join(map(describe, judged)) + f", at least correlationWarning {warning}", generation)
     return {**condition("ProxyUnreliable", False, "TooFewPairs",
                         f"no two adjacent levels share {MIN_PAIRS} configurations yet", generation), "status": "Unknown"}
+
+
+def cost_condition(costs: dict[str, dict[str, Any]], warning: float, generation: int | None) -> dict[str, Any]:
+    """ProxyCostly: True while a lower level costs more than costWarning of the top, or its runs spend more than that
+    share of their time before their first epoch (medians, with at least 3 runs there)."""
+    costly = [describe_cost(level, found, warning) for level, found in costs.items() if found["costly"]]
+    if costly:
+        return condition("ProxyCostly", True, "CostAboveWarning", "; ".join(costly), generation)
+    judged = [describe_cost(level, found, warning) for level, found in costs.items() if found["runs"] >= MIN_COST_RUNS]
+    if judged:
+        return condition("ProxyCostly", False, "CostBelowWarning", "; ".join(judged) + f", within costWarning {warning}", generation)
+    return {**condition("ProxyCostly", False, "NotMeasured",
+                        f"no lower level has {MIN_COST_RUNS} measured runs with a top-level run to compare yet", generation),
+            "status": "Unknown"}
 
 
 def stages_status(stages: tuple, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 The CRD's spec is the engine's spec with a few fields only a cluster has
 (pendingTimeoutSeconds, retention, storage.deleteOnStudyDeletion,
-trialTemplate.backoffLimit and ttlSecondsAfterFinished). They are taken out
+trialTemplate.backoffLimit, ttlSecondsAfterFinished and labels). They are taken out
 here, and the rest goes through speechtune.spec -- the same checks as a local
 study file -- so what CEL cannot say still fails with the field named.
 spec.fidelity.checkpointVolume stays in the engine's spec (locally a directory);
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from speechtune import spec
-from speechtune.k8s.manifests import JobOptions
+from speechtune.k8s.manifests import JobOptions, reserved_label
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
             image=template.pop("image", None) or "",
             backoff_limit=template.pop("backoffLimit", 0),
             ttl_seconds_after_finished=template.pop("ttlSecondsAfterFinished", 3600),
+            labels=labels if isinstance(labels := template.pop("labels", None) or {}, dict) else {"": labels},
         ),
         pending_timeout_seconds=raw.pop("pendingTimeoutSeconds", 600),
         delete_on_study_deletion=bool(storage.pop("deleteOnStudyDeletion", False)),
@@ -56,6 +57,7 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
         problems.extend(error.problems)
     if not options.job.image:
         problems.append(("spec.trialTemplate.image", "is required on a cluster: the trainer image each trial runs"))
+    problems += template_problems(options.job, template.get("replicas", 1))
     claims = checkpoint_claims(study) if not problems else {}
     problems += [(field, f"must be a PersistentVolumeClaim name on a cluster (lowercase letters, digits, '-', '.'), got {claim!r}")
                  for field, claim in claims.items() if not PVC_NAME.match(claim) or len(claim) > 253]
@@ -66,7 +68,22 @@ def parse(body: dict[str, Any]) -> tuple[spec.Study, ClusterOptions]:
         raise spec.SpecError(problems)
     if claims:
         options = replace(options, job=replace(options.job, checkpoint_claim=next(iter(claims.values()))))
-    return study, options
+    return study, replace(options, job=replace(options.job, replicas=study.trial_template.replicas))
+
+
+def template_problems(job: JobOptions, replicas: Any) -> list[tuple[str, str]]:
+    """The cluster-only template fields, as the CRD's rules judge them: labels the operator does not own, and no pod
+    retries in a trial of several pods (a retried pod could not rejoin its peers' rendezvous)."""
+    path = "spec.trialTemplate"
+    problems = [(f"{path}.labels", f"must map label keys to values, got {value!r}") for key, value in job.labels.items() if key == ""]
+    problems += [(f"{path}.labels", f"label {key!r} is the operator's or the Job controller's own: use another key")
+                 for key in job.labels if reserved_label(key)]
+    problems += [(f"{path}.labels", f"label {key!r} must have a string value, got {value!r}")
+                 for key, value in job.labels.items() if key and not isinstance(value, str)]
+    if isinstance(replicas, int) and replicas > 1 and job.backoff_limit:
+        problems.append((f"{path}.backoffLimit", f"must be 0 with replicas > 1, got {job.backoff_limit}: a trial of "
+                         "several pods fails as a whole, since a retried pod could not rejoin its peers"))
+    return problems
 
 
 def checkpoint_claims(study: spec.Study) -> dict[str, str]:

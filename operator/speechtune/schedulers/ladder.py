@@ -14,7 +14,9 @@ PRUNED, so the sampler learns from them; those that finish the top level are COM
 Each level ranks configurations by its ``rank`` (default: the study's objective), e.g. ``val_loss``
 at a proxy where WER has not moved yet, then by the rank's ``tieBreak`` metric, then by which run
 finished first (never by trial number; that is left only for runs recorded without a finish time).
-The proxy-correlation check compares each level's ranking with the next level's.
+The proxy-correlation check compares each level's ranking with the next level's, and the cost check
+each level's measured run time with the top's: a proxy pays off only if it ranks like the top and
+costs much less (ProxyUnreliable, ProxyCostly).
 
 With ``brackets: N`` the ladder runs the N most aggressive Hyperband brackets: bracket b starts
 its configurations at level b (``Fidelity.bracket_sizes``) and halves them from there; each
@@ -29,6 +31,7 @@ configuration's seed validation is the ``validate`` stage (``speechtune.schedule
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +40,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from speechtune import metrics, record
+from speechtune import metrics, record, search
 from speechtune.executor import Event
 from speechtune.schedulers import Run, Scheduler
 from speechtune.schedulers.checkpoints import Checkpoints
@@ -50,6 +53,7 @@ LEVEL = record.LEVEL
 BRACKET = record.BRACKET
 EPOCHS_KEYS = {"epochs", "max_epochs"}
 MIN_PAIRS = 5  # fewer configurations that ran both levels say too little to call a proxy unreliable
+MIN_COST_RUNS = 3  # runs of a level before its median cost is judged against the top's
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -125,9 +129,48 @@ class Ladder(Scheduler):
         return [
             {"name": level.name, "size": size, "assigned": self._launched(index, configs),
              "running": sum(1 for t in configs if t.user_attrs[LEVEL] == index and self.executor.is_running(t.number)),
-             "finished": sum(1 for t in configs if index in t.intermediate_values), "rank": describe_rank(self.ranks[index])}
-            for index, (level, size) in enumerate(zip(self.fidelity.levels, self.sizes))
+             "finished": sum(1 for t in configs if index in t.intermediate_values), "rank": describe_rank(self.ranks[index]),
+             **cost}
+            for index, (level, size, cost) in enumerate(zip(self.fidelity.levels, self.sizes, self.level_costs(configs)))
         ]
+
+    def level_costs(self, configs: list[FrozenTrial]) -> list[dict[str, Any]]:
+        """Each level's measured cost: ``medianSeconds`` of its runs, ``startupSeconds``, the median time its runs spent
+        before their first epoch, and ``costShare``: the median cost of reaching it (a resumed level adds the runs it
+        continues) over the top's. Each is absent until measured."""
+        reach = [[cost for t in configs if (cost := self._cost_to_reach(t, index)) is not None] for index in range(len(self.sizes))]
+        top = statistics.median(reach[self.top]) if reach[self.top] else 0.0
+        costs: list[dict[str, Any]] = []
+        for index in range(len(self.sizes)):
+            cost: dict[str, Any] = {}
+            for field, key in (("medianSeconds", record.level_seconds_key), ("startupSeconds", record.level_startup_key)):
+                found = [value for t in configs if (value := self._number(t, key(self.fidelity.levels[index].name))) is not None]
+                if found:
+                    cost[field] = round(statistics.median(found), 3)
+            if top > 0 and reach[index]:
+                cost["costShare"] = round(statistics.median(reach[index]) / top, 4)
+            costs.append(cost)
+        return costs
+
+    def _number(self, trial: FrozenTrial, key: str) -> float | None:
+        value = trial.user_attrs.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def _seconds(self, trial: FrozenTrial, level: int) -> float | None:
+        return self._number(trial, record.level_seconds_key(self.fidelity.levels[level].name))
+
+    def _cost_to_reach(self, trial: FrozenTrial, level: int) -> float | None:
+        """What ``level`` cost this configuration: its run there plus, while a level resumes the one below's
+        checkpoint, the runs it continued (a configuration that started above them paid its run only)."""
+        total: float | None = None
+        for index in range(level, -1, -1):
+            seconds = self._seconds(trial, index)
+            if seconds is None:
+                break
+            total = (total or 0.0) + seconds
+            if not (self.fidelity.resume_from_checkpoint and chain_start(self.fidelity, index) < index):
+                break
+        return total
 
     def bracket_status(self) -> list[dict[str, Any]]:
         """Each bracket: the level it starts at, its configurations per level from there, and how many it has sampled."""
@@ -251,7 +294,7 @@ class Ladder(Scheduler):
         if bracket is not None:
             began = time.perf_counter()
             with self.executor.storage.batch():
-                trial = self.study.ask(self.distributions)
+                trial = search.ask(self.study, self.distributions, self.executor.spec.search_space)
                 trial.set_user_attr(LEVEL, bracket)
                 if bracket:
                     trial.set_user_attr(BRACKET, bracket)
@@ -309,6 +352,9 @@ class Ladder(Scheduler):
             run.trial.report(result.value, run.level)
             run.trial.set_user_attr(record.level_metrics_key(name), result.metrics)
             run.trial.set_user_attr(record.level_finished_key(name), time.time())
+            run.trial.set_user_attr(record.level_seconds_key(name), result.seconds)
+            if result.startup_seconds is not None:
+                run.trial.set_user_attr(record.level_startup_key(name), result.startup_seconds)
         metrics.REPORTED_VALUE.labels(**self.executor.labels, step=name).observe(result.value)
         rank = self.ranks[run.level]
         ranked = f" (ranked by {rank.metric}={result.metrics[rank.metric]:.4g})" if rank.metric != self.executor.objective else ""
@@ -316,6 +362,7 @@ class Ladder(Scheduler):
                                    result.value))
         if run.level > 0:
             self._update_correlation(run.level - 1)
+        self._update_costs()
 
     def _missing_rank_metric(self, level: int, result: RunResult) -> TrialFailed | None:
         """A run whose last protocol line lacks a metric its level ranks by (or has it NaN) cannot be ranked: it fails."""
@@ -371,6 +418,55 @@ class Ladder(Scheduler):
             self.executor.notify(Event("proxy-unreliable", None, f"Spearman rho {rho:.2f} between {low} (by {low_by}) and {high} "
                                        f"(by {high_by}) over {len(pairs)} configurations is below correlationWarning "
                                        f"{self.fidelity.correlation_warning}: the {low} proxy does not rank configurations like {high}"))
+
+
+    # -- proxy cost -----------------------------------------------------------------------
+    def _update_costs(self) -> None:
+        """Publish each lower level's cost share once the top has a run. A level is costly, told once (proxy-costly),
+        when reaching it costs more than costWarning of reaching the top, or when its runs spend more than that share
+        of their time before their first epoch (start-up: imports, data loading, building the model; the median over
+        every run that reported twice)."""
+        configs = self._configs()
+        costs = self.level_costs(configs)
+        if "costShare" not in costs[self.top]:
+            return
+        recorded = dict(self.study.user_attrs.get(record.COSTS, {}))
+        warning = self.fidelity.cost_warning
+        # start-up is the trainer's and the backend's, not a level's: measured on any run that reported twice
+        startups = [value for t in configs for level in self.fidelity.levels
+                    if (value := self._number(t, record.level_startup_key(level.name))) is not None]
+        startup_seconds = statistics.median(startups) if startups else 0.0
+        for index, (level, cost) in enumerate(zip(self.fidelity.levels[:-1], costs)):
+            if "costShare" not in cost:
+                continue
+            runs = sum(1 for t in configs if self._seconds(t, index) is not None)
+            metrics.PROXY_COST_SHARE.labels(**self.executor.labels, level=level.name).set(cost["costShare"])
+            startup = min(1.0, startup_seconds / cost["medianSeconds"]) if cost["medianSeconds"] > 0 else 0.0
+            found = {"share": cost["costShare"], "runs": runs, "startupShare": round(startup, 4),
+                     "costly": runs >= MIN_COST_RUNS and (cost["costShare"] > warning or startup > warning)}
+            if found["costly"] and not recorded.get(level.name, {}).get("costly", False):  # once per level
+                self.executor.notify(Event("proxy-costly", None, describe_cost(level.name, found, warning) + self._start_up_hint()))
+            recorded[level.name] = found
+        if recorded != self.study.user_attrs.get(record.COSTS, {}):
+            self.study.set_user_attr(record.COSTS, recorded)
+
+    def _start_up_hint(self) -> str:
+        if self.executor.spec.trial_template.workers.mode == "warm":
+            return ""
+        return "; if importing the trainer is what runs wait for, warm workers (trialTemplate.workers.mode: warm) pay it once"
+
+
+def describe_cost(level: str, found: dict[str, Any], warning: float) -> str:
+    """What a level costs and, when it is too costly to screen with, why (an Event's and the ProxyCostly condition's words)."""
+    said = (f"reaching level {level} costs {found['share']:.2f} of reaching the top, and its runs spend {found['startupShare']:.0%} "
+            f"of their time before their first epoch (over {found['runs']} runs)")
+    if found["costly"] and found["startupShare"] > warning:
+        return (f"{said}: start-up, not training, is what a run there costs (above costWarning {warning}), so screening "
+                "saves little and a cheaper level would not help")
+    if found["costly"]:
+        return (f"{said}: above costWarning {warning}, screening at {level} saves little over training every configuration "
+                "in full; give it fewer epochs or less data")
+    return said
 
 
 def describe_rank(rank: Rank) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from speechtune import metrics, record
+from speechtune import metrics, record, search
 from speechtune.schedulers import Run, Scheduler
 from speechtune.schedulers.checkpoints import Checkpoints
 
@@ -58,7 +58,7 @@ class PlainSearch(Scheduler):
         return self.run_of(trial)
 
     def ask(self) -> optuna.Trial:
-        trial = self.study.ask(self.distributions)
+        trial = search.ask(self.study, self.distributions, self.executor.spec.search_space)
         trial.set_user_attr(record.LAUNCHED_AT, time.time())
         if self.stage is not None:
             trial.set_user_attr(record.STAGE, self.stage)

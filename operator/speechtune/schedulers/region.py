@@ -21,7 +21,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 
-from speechtune.search import StudyView, ViewSampler
+from speechtune.search import StudyView, ViewSampler, inside
 
 Region = dict[str, BaseDistribution]
 
@@ -62,15 +62,7 @@ def _narrow_numeric(dist: IntDistribution | FloatDistribution, values: list[floa
 
 def contains(region: Region, params: Mapping[str, Any]) -> bool:
     """Whether a configuration lies inside the region (parameters it lacks do not count against it)."""
-    for name, dist in region.items():
-        if name not in params:
-            continue
-        try:
-            if not dist._contains(dist.to_internal_repr(params[name])):
-                return False
-        except ValueError:  # a categorical value outside the reduced choices
-            return False
-    return True
+    return all(inside(dist, params[name]) for name, dist in region.items() if name in params)
 
 
 def describe(region: Region) -> dict[str, Any]:

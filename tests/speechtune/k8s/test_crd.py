@@ -102,6 +102,15 @@ BAD = [
     ("negative-backoff", setting("spec.trialTemplate.backoffLimit", -1), "spec.trialTemplate.backoffLimit", "greater than or equal to 0"),
     ("workers-unknown-mode", setting("spec.trialTemplate.workers", {"mode": "hot"}), "spec.trialTemplate.workers.mode",
      "Unsupported value"),
+    ("replicas-zero", setting("spec.trialTemplate.replicas", 0), "spec.trialTemplate.replicas", "greater than or equal to 1"),
+    ("replicas-above-128", setting("spec.trialTemplate.replicas", 129), "spec.trialTemplate.replicas", "less than or equal to 128"),
+    ("replicas-with-pod-retries", lambda b: (setting("spec.trialTemplate.replicas", 2)(b), setting("spec.trialTemplate.backoffLimit", 1)(b)),
+     "spec.trialTemplate.backoffLimit", "must be 0 with replicas > 1"),
+    ("replicas-with-warm-workers", lambda b: (setting("spec.trialTemplate.replicas", 2)(b),
+                                              setting("spec.trialTemplate.workers", {"mode": "warm"})(b)),
+     "spec.trialTemplate.replicas", "must be 1 with workers.mode warm"),
+    ("template-label-of-the-operator", setting("spec.trialTemplate.labels", {"speechtune.io/trial": "7"}), "spec.trialTemplate.labels",
+     "is the operator's or the Job controller's own"),
     ("workers-zero-runs", setting("spec.trialTemplate.workers", {"maxRunsPerWorker": 0}), "spec.trialTemplate.workers.maxRunsPerWorker",
      "greater than or equal to 1"),
     ("workers-zero-grace", setting("spec.trialTemplate.workers", {"stopGraceSeconds": 0}), "spec.trialTemplate.workers.stopGraceSeconds",
@@ -164,6 +173,9 @@ BAD_LADDERS = [  # changes to examples/k8s/fake-ladder.yaml
      "less than or equal to 1"),
     ("correlation-warning-below-minus-one", setting("spec.fidelity.correlationWarning", -2), "spec.fidelity.correlationWarning",
      "greater than or equal to -1"),
+    ("cost-warning-above-one", setting("spec.fidelity.costWarning", 1.5), "spec.fidelity.costWarning",
+     "less than or equal to 1"),
+    ("cost-warning-zero", setting("spec.fidelity.costWarning", 0), "spec.fidelity.costWarning", "greater than 0"),
     ("checkpoint-volume-not-a-pvc-name", setting("spec.fidelity.checkpointVolume", "/scratch/ckpt"),
      "spec.fidelity.checkpointVolume", "should match"),
     ("fidelity-with-a-pruner", setting("spec.pruner", {"type": "median"}), "spec.pruner.type", "must be none with spec.fidelity"),
@@ -411,6 +423,8 @@ def test_every_invalid_spec_case_is_judged_alike_by_speechtune_validate_the_oper
 VALID_LOCALLY = {  # rejected on a cluster (by the schema or the operator), valid for `speechtune run` by design
     "crd-pending-timeout-zero": "pendingTimeoutSeconds is a cluster-only field",
     "crd-negative-backoff": "trialTemplate.backoffLimit is a cluster-only field",
+    "crd-replicas-with-pod-retries": "trialTemplate.backoffLimit is a cluster-only field",
+    "crd-template-label-of-the-operator": "trialTemplate.labels is a cluster-only field",
     "crd-negative-keep-trials": "retention is a cluster-only field",
     "crd-template-without-image": "locally the trainer runs on this machine: no image",
     "crd-checkpoints-volume-a-path": "locally the checkpoint volume is a directory",
@@ -422,7 +436,8 @@ VALID_LOCALLY = {  # rejected on a cluster (by the schema or the operator), vali
 SCHEMA_ONLY = {  # cluster-only fields the operator's parser takes as the API server admitted them (the schema is always there)
     "crd-pending-timeout-zero", "crd-negative-backoff", "crd-negative-keep-trials",
 }
-CLUSTER_ONLY_FIELDS = {"spec": ("pendingTimeoutSeconds", "retention"), "trialTemplate": ("image", "backoffLimit", "ttlSecondsAfterFinished"),
+CLUSTER_ONLY_FIELDS = {"spec": ("pendingTimeoutSeconds", "retention"),
+                       "trialTemplate": ("image", "backoffLimit", "ttlSecondsAfterFinished", "labels"),
                        "storage": ("deleteOnStudyDeletion",)}
 
 

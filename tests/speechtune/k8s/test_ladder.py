@@ -93,10 +93,16 @@ def test_ladder_runs_each_level_as_a_new_job_and_survives_an_operator_kill(crds,
     assert collections.Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 1, TrialState.PRUNED: 15}
     assert sorted(best.intermediate_values) == [0, 1, 2]
     assert status["trials"] == {"total": 16, "running": 0, "complete": 1, "pruned": 15, "failed": 0, "waiting": 0}
-    assert status["fidelity"]["levels"] == [
+    measured = {"medianSeconds", "startupSeconds", "costShare"}
+    assert [{k: v for k, v in level.items() if k not in measured} for level in status["fidelity"]["levels"]] == [
         {"name": "low", "size": 16, "assigned": 16, "running": 0, "finished": 16, "rank": BY_WER},
         {"name": "medium", "size": 4, "assigned": 4, "running": 0, "finished": 4, "rank": BY_WER},
         {"name": "high", "size": 1, "assigned": 1, "running": 0, "finished": 1, "rank": BY_WER}]
+    # each level's measured cost; the levels differ in more than epochs, so none resumes: shares are of the top's run
+    low, medium, high = status["fidelity"]["levels"]
+    assert high["costShare"] == 1.0 and all(level["medianSeconds"] > 0 for level in (low, medium, high))
+    assert low["costShare"] == pytest.approx(low["medianSeconds"] / high["medianSeconds"], abs=1e-3)
+    assert all(level["startupSeconds"] >= 0 for level in (medium, high))  # they reported at least two epochs
     rho, pairs = stored_rho(study, 0)
     assert status["fidelity"]["correlations"] == [
         {"fromLevel": "low", "toLevel": "medium", "rho": round(rho, 4), "pairs": pairs, "unreliable": False,
@@ -147,3 +153,11 @@ def test_a_rank_reversed_proxy_raises_proxy_unreliable_and_a_faithful_one_does_n
     assert f"Spearman rho {rho:.2f} between low and high over 5 configurations" in reversed_["message"]
     assert [reason for reason, _ in events["reversed"]].count("ProxyUnreliable") == 1
     assert "ProxyUnreliable" not in {reason for reason, _ in events["faithful"]}
+    # ProxyCostly says what the recorded costs say, with one Event when True (a pod's start-up dwarfs a fake epoch)
+    for name, status in statuses.items():
+        study = optuna.load_study(study_name=status["optunaStudy"], storage=postgres_url)
+        costs = study.user_attrs["fidelity_costs"]["low"]
+        costly = {c["type"]: c for c in status["conditions"]}["ProxyCostly"]
+        assert costly["status"] == ("True" if costs["costly"] else "False"), (costly, costs)
+        assert f"reaching level low costs {costs['share']:.2f} of reaching the top" in costly["message"]
+        assert [reason for reason, _ in events[name]].count("ProxyCostly") == (1 if costs["costly"] else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import dataclasses
 import datetime
 import json
 
@@ -20,7 +21,8 @@ from speechtune.k8s import exits, retention, status, studyspec
 from speechtune.k8s.logs import LogCursor, parse_nanos, rfc3339_seconds, split_stamp
 from speechtune.fake_trainer import InProcessBackend
 from speechtune.k8s.manifests import (
-    JobOptions, Owner, build_job, build_trial, checkpoint_root, job_name, rung_patch, trial_name,
+    JobOptions, Owner, build_job, build_rendezvous_service, build_trial, build_worker_job, checkpoint_root, job_name,
+    rung_patch, service_name, trial_name,
 )
 from speechtune.executor import Executor
 from speechtune.storage import WriteThroughStorage, open_rdb
@@ -376,6 +378,23 @@ def test_proxy_unreliable_is_true_only_for_a_low_rho_over_enough_pairs():
     assert (unknown["status"], unknown["reason"]) == ("Unknown", "TooFewPairs")
 
 
+def test_proxy_costly_is_true_for_a_level_that_costs_too_much_or_is_mostly_start_up_and_says_which():
+    cheap = {"share": 0.3, "runs": 9, "startupShare": 0.1, "costly": False}
+    dear = {"share": 0.7, "runs": 3, "startupShare": 0.1, "costly": True}
+    slow_start = {"share": 0.34, "runs": 9, "startupShare": 0.8, "costly": True}
+    bad = status.cost_condition({"low": cheap, "mid": dear}, 0.5, 3)
+    assert (bad["type"], bad["status"], bad["reason"]) == ("ProxyCostly", "True", "CostAboveWarning")
+    assert "reaching level mid costs 0.70 of reaching the top" in bad["message"] and "level low" not in bad["message"]
+    assert "fewer epochs or less data" in bad["message"] and "start-up, not training" not in bad["message"]
+    started = status.cost_condition({"low": slow_start}, 0.5, 3)
+    assert started["status"] == "True" and "spend 80% of their time before their first epoch" in started["message"]
+    assert "start-up, not training" in started["message"] and "fewer epochs" not in started["message"]
+    good = status.cost_condition({"low": cheap}, 0.5, 3)
+    assert (good["status"], good["reason"]) == ("False", "CostBelowWarning")
+    unknown = status.cost_condition({"low": dict(cheap, runs=2)}, 0.5, 3)
+    assert (unknown["status"], unknown["reason"]) == ("Unknown", "NotMeasured")
+
+
 def test_validation_status_is_mean_and_std_over_the_seeds_in_seed_order():
     record = {"trial": 7, "values": {"10": 0.3, "2": 0.1, "1": 0.2}, "mean": 0.2, "std": 0.1}
     assert status.validation_status(record) == {"trial": 7, "mean": 0.2, "std": 0.1, "seeds": 3, "values": [0.2, 0.1, 0.3]}
@@ -481,3 +500,134 @@ def test_a_workers_assignment_survives_its_annotation_and_junk_reads_as_none():
     assert given.request() == {"run": given.id, "argv": ["--epochs", "3"], "env": {"SPEECHTUNE_TRIAL": "4"}}
     for junk in (None, "", "{", "[]", '{"id": "x"}', '{"id": "x", "number": "four", "attempt": "", "seq": 1, "argv": [], "env": {}}'):
         assert Assignment.parse(junk) is None, junk
+
+
+# -- trials across pods (trialTemplate.replicas) -------------------------------------------------------------
+
+
+def test_a_trial_of_several_pods_is_an_indexed_job_that_runs_its_pods_together_and_fails_as_a_whole():
+    manifest = job(replicas=4)
+    spec_ = manifest["spec"]
+    assert manifest["metadata"]["name"] == "digits-3"
+    assert (spec_["completionMode"], spec_["completions"], spec_["parallelism"], spec_["backoffLimit"]) == ("Indexed", 4, 4, 0)
+    assert spec_["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "trainer", "operator": "NotIn", "values": [0]}}]}
+    assert spec_["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    pod = spec_["template"]["spec"]
+    assert pod["subdomain"] == "digits-3" and pod["restartPolicy"] == "Never"
+    assert pod["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "16Gi"}}  # per pod
+    assert "completionMode" not in job()["spec"] and "subdomain" not in job()["spec"]["template"]["spec"]  # one pod: as before
+
+
+def test_every_pod_of_a_trial_learns_index_0s_address_the_number_of_pods_and_its_own_index():
+    env = {item["name"]: item for item in job(replicas=2)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    rank = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    for prefix in ("", "PET_"):
+        assert env[f"{prefix}MASTER_ADDR"]["value"] == "digits-3-0.digits-3"
+        assert env[f"{prefix}MASTER_PORT"]["value"] == "29500"
+        assert env[f"{prefix}NODE_RANK"]["valueFrom"] == rank
+    assert env["WORLD_SIZE"]["value"] == env["PET_NNODES"]["value"] == "2"
+    assert env["SPEECHTUNE_TRIAL"]["value"] == "3"
+    single = {item["name"] for item in job()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not single & {"MASTER_ADDR", "WORLD_SIZE", "NODE_RANK"}
+
+
+def test_the_rendezvous_service_is_headless_owned_by_the_trial_and_selects_the_jobs_pods():
+    manifest = job(replicas=2)
+    trial = Owner("speechtune.io/v1alpha1", "SpeechTuningTrial", "digits-3", "uid-trial")
+    service = build_rendezvous_service(trial, manifest)
+    assert service["metadata"]["name"] == manifest["spec"]["template"]["spec"]["subdomain"] == "digits-3"
+    assert service["metadata"]["ownerReferences"] == manifest["metadata"]["ownerReferences"]
+    assert service["metadata"]["labels"]["speechtune.io/trial"] == "3"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "digits-3"}
+
+
+def test_several_pod_job_names_leave_room_for_the_highest_index_and_their_service_starts_with_a_letter():
+    long = "a" * 60
+    for replicas in (2, 10, 128):
+        name = job_name(long, 123, "L1-medium", replicas)
+        assert len(f"{name}-{replicas - 1}") <= 63
+    assert job_name("digits", 7, "", 2) == job_name("digits", 7) == "digits-7"  # short names are the same
+    assert service_name("digits-7") == "digits-7" and service_name("7up-1") == "s7up-1"
+
+
+def test_template_labels_reach_every_job_and_pod_but_never_override_the_operators():
+    queue = {"kueue.x-k8s.io/queue-name": "gpus"}
+    manifest = job(replicas=2, labels=queue)
+    for labels_ in (manifest["metadata"]["labels"], manifest["spec"]["template"]["metadata"]["labels"]):
+        assert labels_["kueue.x-k8s.io/queue-name"] == "gpus" and labels_["speechtune.io/trial"] == "3"
+    worker = build_worker_job(STUDY, 0, TEMPLATE, JobOptions(image="trainer:1", labels=queue), "http://op", "sha", "uid")
+    assert worker["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+
+
+def test_replicas_and_labels_parse_on_a_cluster_and_bad_ones_are_named():
+    body = yaml.safe_load((REPO / "examples" / "k8s" / "fake-study.yaml").read_text())
+    body["spec"]["trialTemplate"].update(replicas=2, labels={"kueue.x-k8s.io/queue-name": "gpus"})
+    study, options = studyspec.parse(copy.deepcopy(body))
+    assert study.trial_template.replicas == options.job.replicas == 2
+    assert options.job.labels == {"kueue.x-k8s.io/queue-name": "gpus"}
+    body["spec"]["trialTemplate"].update(replicas=0, labels={"speechtune.io/trial": "x"})
+    body["spec"]["trialTemplate"]["workers"] = {"mode": "warm"}
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse(copy.deepcopy(body))
+    assert {"spec.trialTemplate.replicas", "spec.trialTemplate.labels"} <= {path for path, _ in error.value.problems}
+    body["spec"]["trialTemplate"].update(replicas=2, backoffLimit=1, labels={})
+    with pytest.raises(spec.SpecError) as error:
+        studyspec.parse(copy.deepcopy(body))
+    assert [path for path, _ in error.value.problems] == ["spec.trialTemplate.replicas", "spec.trialTemplate.backoffLimit"]
+
+
+def a_rank(index: int, phase: str = "Running", terminated: dict | None = None, deleting: bool = False) -> dict:
+    pod = a_pod(phase, terminated)
+    pod["metadata"].update(name=f"digits-3-{index}-abcde", annotations={"batch.kubernetes.io/job-completion-index": str(index)})
+    if deleting:
+        pod["metadata"]["deletionTimestamp"] = stamp(0)
+    return pod
+
+
+def indexed_job(*conditions: tuple[str, str, str]) -> dict:
+    return dict(a_job(*conditions), spec={"completionMode": "Indexed", "completions": 2})
+
+
+POLICY = ("Failed", "PodFailurePolicy", "Container trainer for pod ns/digits-3-1-abcde failed with exit code 3 matching "
+                                        "FailJob rule at index 0")
+
+
+@pytest.mark.parametrize("job_, pods, expected", [
+    (indexed_job(), [a_rank(0), a_rank(1, "Succeeded", {"exitCode": 0})], None),  # index 1 alone is not the trial
+    (indexed_job(), [a_rank(0, "Succeeded", {"exitCode": 0}), a_rank(1)], Exit(True, 0)),  # index 0 is (successPolicy)
+    (indexed_job(("SuccessCriteriaMet", "SuccessPolicy", "")), [], Exit(True, 0)),
+    (indexed_job(POLICY), [a_rank(0, "Failed", {"exitCode": 143, "finishedAt": stamp(1)}, deleting=True),
+                           a_rank(1, "Failed", {"exitCode": 3, "finishedAt": stamp(2), "message": "boom"})],
+     Exit(False, 3, "Error", "trainer digits-3-1-abcde (index 1) exited with code 3: boom")),
+    (indexed_job(POLICY), [a_rank(0, "Failed", {"exitCode": 143}, deleting=True)],  # the culprit is gone: the Job names it
+     Exit(False, 3, "Error", "trainer pod digits-3-1-abcde exited with code 3")),
+    (indexed_job(("Failed", "BackoffLimitExceeded", "")),  # no policy message: the first to fail, not the peer it stopped
+     [a_rank(0, "Failed", {"exitCode": 143, "finishedAt": stamp(1)}, deleting=True),
+      a_rank(1, "Failed", {"exitCode": 137, "reason": "OOMKilled", "finishedAt": stamp(5)})], "OOMKilled"),
+], ids=["index-1-done", "index-0-done", "success-criteria", "named-by-policy", "culprit-gone", "first-failure"])
+def test_a_trial_of_several_pods_succeeds_with_index_0_and_fails_naming_the_pod(job_, pods, expected):
+    result = exits.classify(job_, pods, NOW, pending_timeout=60, last_words="index 0's last line")
+    if isinstance(expected, str):
+        assert (result.reason, "digits-3-1-abcde (index 1)" in result.message) == (expected, True), result
+    else:
+        assert result == expected
+
+
+def test_an_unschedulable_pod_of_several_is_named_and_a_suspended_job_says_it_is_queued():
+    pending = a_rank(1, "Pending")
+    pending["status"]["conditions"] = a_pod("Pending", unschedulable_for=120)["status"]["conditions"]
+    result = exits.classify(indexed_job(), [a_rank(0), pending], NOW, pending_timeout=60)
+    assert result.reason == "Unschedulable" and "pod digits-3-1-abcde (index 1 of 2) was unschedulable" in result.message
+    queued = dict(a_job(age=120), spec={"suspend": True})
+    assert "while suspended" in exits.classify(queued, [], NOW, pending_timeout=60).message
+
+
+def test_gpu_seconds_count_every_gpu_of_every_pod(tmp_path):
+    template = spec.TrialTemplate(command=("true",), resources={"requests": {"nvidia.com/gpu": 4}}, replicas=2)
+    body = yaml.safe_load((REPO / "examples" / "fake-study.yaml").read_text())
+    study = spec.parse_study(body)
+    study = dataclasses.replace(study, trial_template=template)
+    engine = Executor(study, WriteThroughStorage(open_rdb(f"sqlite:///{tmp_path}/s.db")), InProcessBackend())
+    assert engine.gpus == 8
