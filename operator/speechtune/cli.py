@@ -236,6 +236,11 @@ def _print_results(study: optuna.Study, console: Console) -> None:
         warning = "  [red]ProxyCostly[/red]" if found["costly"] else ""
         console.print(f"proxy cost {level}: {found['share']:.2f} of the top level's, {found['startupShare']:.0%} of a run before "
                       f"its first epoch, over {found['runs']} runs{warning}", highlight=False)
+    spend = study.user_attrs.get(record.SPEND)
+    if spend and spend.get("fullRuns") is not None:
+        console.print(f"ladder spend: {spend['fullRuns']:.1f} full runs' worth of compute for {spend['configurations']} configurations, "
+                      f"{spend['atTop']} of them trained at the top (a full-fidelity search would have trained "
+                      f"{spend['fullRuns']:.1f})", highlight=False)
     validation = study.user_attrs.get(record.VALIDATION)
     if validation and validation.get("mean") is not None:
         console.print(f"validation of trial {validation['trial']}: {metric} {validation['mean']:.4f} ± {validation['std']:.4f} "

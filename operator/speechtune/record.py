@@ -51,6 +51,7 @@ def level_startup_key(level_name: str) -> str:
 OBJECTIVE = "objective"  # the metric the value is, so readers can label it
 CORRELATIONS = "fidelity_correlations"  # Spearman rho between adjacent ladder levels
 COSTS = "fidelity_costs"  # each lower ladder level's measured cost as a share of the top's
+SPEND = "fidelity_spend"  # the ladder's compute so far in full runs' worth, and the configurations it bought
 VALIDATION = "validation"  # the best configuration retrained with other seeds
 STAGES = "stages"  # each stage's state and result, by stage name
 CHECKPOINT_PINS = "checkpoint_pins"  # trial numbers whose checkpoints other studies warm-start from

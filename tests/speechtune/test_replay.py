@@ -260,6 +260,10 @@ def test_each_level_run_records_its_charged_cost_and_the_ladder_flags_levels_tha
     expected = setup + (nemo.startup_cpu_s if start == "cold" else 0.0)
     assert rungs["full"]["startupSeconds"] == pytest.approx(expected, abs=1.0)
     assert (shares["low"]["runs"], shares["mid"]["runs"]) == (9, 3)
+    # the ladder's spend in full runs' worth: every charged run over the median cost of reaching the top
+    spend = engine.study.user_attrs["fidelity_spend"]
+    full_runs = sum(charge.cpu_s for charge in backend.ledger) / statistics.median(reach["full"])
+    assert (spend["fullRuns"], spend["configurations"], spend["atTop"]) == (pytest.approx(full_runs, abs=0.01), 9, 1)
     rungs = {rung["name"]: rung for rung in engine.scheduler.rungs()}
     assert rungs["full"]["costShare"] == 1.0 and rungs["low"]["costShare"] == shares["low"]["share"]
     # flagged exactly when above costWarning 0.5: one NeMo epoch of four is cheap warm, not cold (14 CPU-s of imports a run)

@@ -453,6 +453,8 @@ class StudyRunner:
             names = tuple(level.name for level in scheduler.fidelity.levels)
             extra["fidelity"] = status.fidelity_status(scheduler.rungs(), attrs.get(record.CORRELATIONS, {}), names,
                                                        scheduler.bracket_status())
+            if record.SPEND in attrs:
+                extra["fidelity"]["spend"] = attrs[record.SPEND]
             extra_conditions.append(status.proxy_condition(extra["fidelity"]["correlations"],
                                                            scheduler.fidelity.correlation_warning, generation))
             extra_conditions.append(status.cost_condition(attrs.get(record.COSTS, {}), scheduler.fidelity.cost_warning,

@@ -449,6 +449,15 @@ class Ladder(Scheduler):
             recorded[level.name] = found
         if recorded != self.study.user_attrs.get(record.COSTS, {}):
             self.study.set_user_attr(record.COSTS, recorded)
+        self.study.set_user_attr(record.SPEND, self._spend(configs))
+
+    def _spend(self, configs: list[FrozenTrial]) -> dict[str, Any]:
+        """All the ladder's runs so far in full runs' worth (the median cost of reaching the top): what a search at
+        full fidelity would have trained in full with the same compute, against the configurations screened."""
+        reach = statistics.median(c for t in configs if (c := self._cost_to_reach(t, self.top)) is not None)
+        spent = sum(seconds for t in configs for index in range(len(self.sizes)) if (seconds := self._seconds(t, index)) is not None)
+        return {"fullRuns": round(spent / reach, 2) if reach > 0 else None, "configurations": len(configs),
+                "atTop": sum(1 for t in configs if self.top in t.intermediate_values)}
 
     def _start_up_hint(self) -> str:
         if self.executor.spec.trial_template.workers.mode == "warm":

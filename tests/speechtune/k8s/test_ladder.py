@@ -103,6 +103,8 @@ def test_ladder_runs_each_level_as_a_new_job_and_survives_an_operator_kill(crds,
     assert high["costShare"] == 1.0 and all(level["medianSeconds"] > 0 for level in (low, medium, high))
     assert low["costShare"] == pytest.approx(low["medianSeconds"] / high["medianSeconds"], abs=1e-3)
     assert all(level["startupSeconds"] >= 0 for level in (medium, high))  # they reported at least two epochs
+    spend = status["fidelity"]["spend"]
+    assert (spend["configurations"], spend["atTop"]) == (16, 1) and spend["fullRuns"] > 1
     rho, pairs = stored_rho(study, 0)
     assert status["fidelity"]["correlations"] == [
         {"fromLevel": "low", "toLevel": "medium", "rho": round(rho, 4), "pairs": pairs, "unreliable": False,
