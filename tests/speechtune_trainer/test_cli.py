@@ -53,11 +53,83 @@ def test_underscores_in_values_are_kept():
         (["--num-layers", "0"], "--num-layers must be at least 1"),
         (["--time-width", "2"], "--time-width is a fraction"),
         (["--epochs", "5", "--schedule-epochs", "3"], "--schedule-epochs (3) is below --epochs (5)"),
+        (["--devices", "0"], "--devices must be at least 1, got 0"),
+        (["--num-nodes", "0"], "--num-nodes must be at least 1, got 0"),
+        (["--global-batch-size", "0"], "--global-batch-size must be at least 1, got 0"),
+        (["--batch-size", "8", "--global-batch-size", "16"], "--batch-size (8, per process) and --global-batch-size (16, over all processes) both"),
+        (["--devices", "2", "--num-nodes", "2", "--global-batch-size", "6"], "--global-batch-size (6) is not divisible by the 4 processes (--devices 2 x --num-nodes 2)"),
+        (["--accelerator", "cpu", "--global-batch-size", "5", "--num-nodes", "2"], "--global-batch-size (5) is not divisible by the 2 processes (--devices 1 x --num-nodes 2)"),
+        (["--accelerator", "cpu", "--precision", "16-mixed"], "--precision 16-mixed needs a GPU"),
     ],
 )
 def test_invalid_combinations_exit_2_naming_the_flags(data_dir, capsys, flags, message):
     assert cli.main(["asr", "--data", str(data_dir), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world_size", ["two", "0", "-1", ""])
+def test_a_bad_world_size_is_named_as_the_num_nodes_default(data_dir, capsys, monkeypatch, world_size):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert cli.main(["asr", "--data", str(data_dir)]) == 2
+    assert f"--num-nodes defaults to $WORLD_SIZE (the pods of the trial), which is {world_size!r}" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert config.problems(cli.build_parser().parse_args(["asr", "--data", str(data_dir)])) == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, ["--num-nodes", "3"], "--num-nodes 3 contradicts $WORLD_SIZE=2, the pods of the trial"),
+        ({"WORLD_SIZE": "2", "NODE_RANK": "2"}, [], "$NODE_RANK='2' is not a node index below --num-nodes 2"),
+        ({"NODE_RANK": "one"}, [], "$NODE_RANK='one' is not a node index below --num-nodes 1"),
+    ],
+)
+def test_rendezvous_variables_that_contradict_the_flags_exit_2(data_dir, capsys, monkeypatch, environ, flags, message):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["asr", "--data", str(data_dir), *flags]) == 2
+    assert message in capsys.readouterr().err
+    # In a process Lightning started for another device, WORLD_SIZE counts all processes: not checked.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert config.rendezvous_problems(cli.build_parser().parse_args(["asr", "--data", "d", *flags])) == []
+
+
+def test_num_nodes_defaults_to_world_size_else_1():
+    assert config.num_nodes(parse(), {}) == 1
+    assert config.num_nodes(parse(), {"WORLD_SIZE": "3"}) == 3
+    assert config.num_nodes(parse("--num-nodes", "2"), {"WORLD_SIZE": "3"}) == 2
+    assert config.num_nodes(parse("--num_nodes=4")) == 4
+
+
+@pytest.mark.parametrize("flags", [["--devices", "2"], ["--accelerator", "cpu", "--num-nodes", "2"]])
+def test_a_warm_worker_refuses_more_than_one_process_and_says_why(data_dir, capsys, monkeypatch, flags):
+    monkeypatch.setenv("SPEECHTUNE_WORKER", "1")
+    assert cli.main(["asr", "--data", str(data_dir), *flags]) == 2
+    assert "a warm worker is one process and cannot run data-parallel over 2 processes" in capsys.readouterr().err
+
+
+def test_a_warm_worker_ignores_the_visible_gpu_count_and_uses_one_device(data_dir, monkeypatch):
+    monkeypatch.setenv("SPEECHTUNE_WORKER", "1")
+    assert config.local_devices_before_torch(parse()) == 1
+    monkeypatch.delenv("SPEECHTUNE_WORKER")
+    assert config.local_devices_before_torch(parse()) is None  # a cold run: torch counts the GPUs
+    assert config.local_devices_before_torch(parse("--accelerator", "cpu")) == 1
+    assert config.local_devices_before_torch(parse(), in_process=True) == 1
+
+
+def test_an_in_process_run_cannot_start_ddp_processes(data_dir, capsys):
+    """Lightning reruns sys.argv for the other processes: an in-process call's sys.argv is not the run's."""
+    assert cli.main(["asr", "--data", str(data_dir), "--accelerator", "cpu", "--devices", "2"]) == 2
+    assert "run the speechtune-trainer command, not an in-process call" in capsys.readouterr().err
+
+
+def test_batch_size_is_per_process_and_global_batch_size_is_split():
+    assert config.batch_size(parse(), processes=4) == config.DEFAULT_BATCH_SIZE
+    assert config.batch_size(parse("--batch-size", "8"), processes=4) == 8
+    assert config.batch_size(parse("--global-batch-size", "32"), processes=4) == 8
+    # 100 utterances over 2 processes: 50 each, in batches of 8: 7 steps per epoch, as 1 process in batches of 16.
+    two = config.schedule_steps(parse("--global-batch-size", "16", "--epochs", "3"), utterances=100, processes=2)
+    assert two == config.schedule_steps(parse("--batch-size", "16", "--epochs", "3"), utterances=100) == 7 * 3
 
 
 def test_valid_flags_have_no_problems(data_dir):
@@ -77,16 +149,24 @@ def test_unknown_encoder_is_a_usage_error(data_dir, capsys):
     assert "--encoder: invalid choice: 'cnn'" in capsys.readouterr().err
 
 
-def test_rejection_is_fast_and_imports_no_torch(data_dir):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--d_model=100", "--attention_heads=8"], "--attention-heads (8)"),
+        (["--devices=0"], "--devices must be at least 1"),
+        (["--accelerator=cpu", "--devices=2", "--global_batch_size=3"], "--global-batch-size (3) is not divisible"),
+    ],
+)
+def test_rejection_is_fast_and_imports_no_torch(data_dir, flags, message):
     """The console script rejects bad flags before importing torch or NeMo."""
     probe = (
         "import sys; from speechtune_trainer.cli import main; "
-        f"rc = main(['asr', '--data', {str(data_dir)!r}, '--d_model=100', '--attention_heads=8']); "
+        f"rc = main(['asr', '--data', {str(data_dir)!r}, *{flags!r}]); "
         "assert 'torch' not in sys.modules and 'nemo' not in sys.modules; sys.exit(rc)"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
-    assert "--attention-heads (8)" in done.stderr
+    assert message in done.stderr
 
 
 def test_noam_lr_is_converted_to_nemos_multiplier():

@@ -1,4 +1,4 @@
-"""The `speechtune-trainer` command: `make-data` and `asr`.
+"""The `speechtune-trainer` command: `make-data`, `asr`, and `tts-acoustic`/`tts-vocoder` (tts/commands.py).
 
 The tuning engine appends sampled parameters as `--<param>=<value>` with underscores
 (`--n_mels=64`) after the template's own args, so every flag is also accepted with
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from speechtune.protocol import worker_mode
 from speechtune_trainer import config
+from speechtune_trainer.tts import commands as tts_commands
 
 
 def with_dashes(argv: list[str]) -> list[str]:
@@ -41,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--language", choices=("en", "es"), default="en", help="the words and the espeak-ng voices")
     data.add_argument("--snr-db", type=float, default=None, help="add white noise at this signal-to-noise ratio")
     data.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel espeak-ng/sox processes")
+    tts_commands.add_make_data_arguments(data)
 
     asr = commands.add_parser("asr", help="train one NeMo ASR model and print protocol lines")
     config.add_arguments(asr)
+    tts_commands.register(commands)
     return parser
 
 
@@ -57,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-data":
         if not args.hours > 0 or args.sample_rate < 1:
             parser.error("make-data: --hours and --sample-rate must be positive")
+        if args.tts:
+            return tts_commands.make_data(args)
         from speechtune_trainer.data import make_data
 
         make_data(args.out, args.hours, args.sample_rate, args.seed, args.vocabulary, args.snr_db, args.workers, args.language)
         return 0
+    if args.command in tts_commands.COMMANDS:
+        return tts_commands.run(args)
     problems = config.problems(args)
     if problems:
         print("speechtune-trainer asr: error: " + "\n  ".join(["invalid flags:", *problems]), file=sys.stderr)
         return 2
     from speechtune_trainer.train import train
 
-    return train(args)
+    return train(args, own_command_line=argv is None)  # DDP reruns this process's command line
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from speechtune.protocol import worker_mode
 
 ENCODERS = ("conformer", "transformer", "lstm", "gru")
 DECODERS = ("ctc", "transducer", "hybrid")
@@ -21,6 +24,9 @@ INIT_SUFFIXES = (".ckpt", ".nemo")
 SUBSAMPLING_FACTOR = 4
 DEFAULT_CTC_WEIGHT = 0.3
 FINAL_LR_RATIO = 0.01  # cosine and exponential decay to lr * FINAL_LR_RATIO at the last step
+DEFAULT_BATCH_SIZE = 16
+WORLD_SIZE_ENV = "WORLD_SIZE"  # set by the operator on every pod of an N-pod trial: N (docs/trainer.md)
+NODE_RANK_ENV = "NODE_RANK"  # ... and the pod's index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--schedule", choices=SCHEDULES, default="warmup-cosine")
     opt.add_argument("--warmup-steps", type=int, default=30, help="ignored by plateau")
     opt.add_argument("--weight-decay", type=float, default=1e-3)
-    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"utterances per optimiser step in each process (default {DEFAULT_BATCH_SIZE}); the global batch is this x processes",
+    )
+    opt.add_argument(
+        "--global-batch-size", type=int, default=None,
+        help="utterances per optimiser step over all processes, split evenly among them; instead of --batch-size",
+    )
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument(
         "--schedule-epochs", type=int, default=None,
@@ -75,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
     run.add_argument(
         "--precision", choices=("auto", "32", "bf16-mixed", "16-mixed"), default="auto", help="auto: bf16-mixed on GPU, 32 on CPU"
+    )
+    run.add_argument(
+        "--devices", type=int, default=None,
+        help="processes on this machine, one per device (DDP when devices x nodes > 1; default: the visible GPUs, 1 on CPU)",
+    )
+    run.add_argument(
+        "--num-nodes", type=int, default=None,
+        help=f"machines (pods) in the run (default: ${WORLD_SIZE_ENV}, else 1); each also needs MASTER_ADDR, MASTER_PORT, NODE_RANK",
     )
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
 
@@ -134,9 +155,15 @@ def label_problems(args: argparse.Namespace) -> list[str]:
 def problems(args: argparse.Namespace) -> list[str]:
     """Every invalid flag value or combination, each naming its flags. Empty when the run can start."""
     found = []
-    for flag in ("sample_rate", "n_mels", "num_layers", "d_model", "attention_heads", "batch_size", "epochs"):
-        if getattr(args, flag) < 1:
+    counts = ("sample_rate", "n_mels", "num_layers", "d_model", "attention_heads", "epochs")
+    for flag in (*counts, "batch_size", "global_batch_size", "devices", "num_nodes"):  # the last four: None by default
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             found.append(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.num_nodes is None and not _positive_int(os.environ.get(WORLD_SIZE_ENV, "1")):
+        found.append(
+            f"--num-nodes defaults to ${WORLD_SIZE_ENV} (the pods of the trial), "
+            f"which is {os.environ[WORLD_SIZE_ENV]!r}, not a positive integer"
+        )
     for flag in ("lr", "win_length_ms", "hop_length_ms"):
         if not getattr(args, flag) > 0:
             found.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -179,6 +206,17 @@ def problems(args: argparse.Namespace) -> list[str]:
             found.append(f"--ctc-weight only applies to --decoder hybrid, not --decoder {args.decoder}")
         elif not 0 <= args.ctc_weight <= 1:
             found.append(f"--ctc-weight is a share of the loss, in [0, 1]; got {args.ctc_weight}")
+    if args.batch_size is not None and args.global_batch_size is not None:
+        found.append(
+            f"--batch-size ({args.batch_size}, per process) and --global-batch-size ({args.global_batch_size}, "
+            "over all processes) both set the batch; give one"
+        )
+    if args.accelerator == "cpu" and args.precision == "16-mixed":
+        found.append("--precision 16-mixed needs a GPU (Lightning has no fp16 autocast on CPU); use bf16-mixed or 32 with --accelerator cpu")
+    found.extend(rendezvous_problems(args))
+    devices = local_devices_before_torch(args)
+    if devices is not None:  # else train() checks the shape once torch has counted the GPUs
+        found.extend(shape_problems(args, devices, num_nodes(args)))
     if args.schedule == "noam" and args.warmup_steps == 0:
         found.append("--schedule noam needs --warmup-steps >= 1 (its peak is at the end of warmup)")
     if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
@@ -196,6 +234,69 @@ def problems(args: argparse.Namespace) -> list[str]:
     if not absent:
         found.extend(label_problems(args))
     return found
+
+
+def _positive_int(text: str) -> bool:
+    return text.isdigit() and int(text) >= 1
+
+
+def num_nodes(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """--num-nodes, else $WORLD_SIZE (set on each pod of an N-pod trial to N), else 1."""
+    if args.num_nodes is not None:
+        return args.num_nodes
+    return int(environ.get(WORLD_SIZE_ENV, "1"))
+
+
+def rendezvous_problems(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """An explicit --num-nodes that contradicts $WORLD_SIZE, or a $NODE_RANK outside the nodes.
+
+    Not in a process Lightning started for another device (LOCAL_RANK set): its WORLD_SIZE counts processes.
+    """
+    if "LOCAL_RANK" in environ:
+        return []
+    found = []
+    world = environ.get(WORLD_SIZE_ENV)
+    if args.num_nodes is not None and world is not None and _positive_int(world) and int(world) != args.num_nodes:
+        found.append(f"--num-nodes {args.num_nodes} contradicts ${WORLD_SIZE_ENV}={world}, the pods of the trial; drop one")
+    rank = environ.get(NODE_RANK_ENV)
+    if rank is not None and not (rank.isdigit() and int(rank) < num_nodes(args, environ)):
+        found.append(f"${NODE_RANK_ENV}={rank!r} is not a node index below --num-nodes {num_nodes(args, environ)}")
+    return found
+
+
+def local_devices_before_torch(args: argparse.Namespace, in_process: bool = False) -> int | None:
+    """--devices, else its default where torch need not count GPUs: 1 on CPU and for an in-process run (a warm
+    worker's); None: the visible GPUs."""
+    if args.devices is not None:
+        return args.devices
+    if args.accelerator == "cpu" or in_process or worker_mode():
+        return 1
+    return None
+
+
+def shape_problems(args: argparse.Namespace, devices: int, nodes: int) -> list[str]:
+    """What stops a run of `devices` processes on each of `nodes` machines."""
+    found = []
+    processes = devices * nodes
+    if worker_mode() and processes > 1:
+        found.append(
+            f"--devices {devices} --num-nodes {nodes}: a warm worker is one process and cannot run data-parallel "
+            f"over {processes} processes (DDP starts a process per device); run multi-process trials cold "
+            "(trialTemplate.workers.mode: cold)"
+        )
+    if args.global_batch_size is not None and args.global_batch_size % processes:
+        found.append(
+            f"--global-batch-size ({args.global_batch_size}) is not divisible by the {processes} processes "
+            f"(--devices {devices} x --num-nodes {nodes})"
+        )
+    return found
+
+
+def batch_size(args: argparse.Namespace, processes: int) -> int:
+    """Utterances per optimiser step in each process: --batch-size, else --global-batch-size split evenly."""
+    if args.global_batch_size is not None:
+        return args.global_batch_size // processes
+    return args.batch_size or DEFAULT_BATCH_SIZE
 
 
 def encoder_config(args: argparse.Namespace) -> dict:
@@ -244,9 +345,14 @@ def encoder_config(args: argparse.Namespace) -> dict:
     }
 
 
-def schedule_steps(args: argparse.Namespace, utterances: int) -> int:
-    """The optimiser step where the lr schedule ends: --schedule-epochs (default --epochs) epochs of batches."""
-    return math.ceil(utterances / args.batch_size) * (args.schedule_epochs or args.epochs)
+def schedule_steps(args: argparse.Namespace, utterances: int, processes: int = 1) -> int:
+    """The optimiser step where the lr schedule ends: --schedule-epochs (default --epochs) epochs of batches.
+
+    Each of the processes trains on its 1/processes share of the utterances (Lightning's DistributedSampler
+    pads the last share), so an epoch has as many steps as one process has batches.
+    """
+    share = math.ceil(utterances / processes)
+    return math.ceil(share / batch_size(args, processes)) * (args.schedule_epochs or args.epochs)
 
 
 def schedule_config(args: argparse.Namespace, max_steps: int) -> dict:
@@ -281,13 +387,15 @@ def lr_for_optimizer(args: argparse.Namespace) -> float:
     return args.lr
 
 
-def model_config(args: argparse.Namespace, train_manifest: Path, dev_manifest: Path, max_steps: int, num_workers: int) -> dict:
-    """The full NeMo model config (the `model:` section of NeMo's YAML) for these flags."""
+def model_config(
+    args: argparse.Namespace, train_manifest: Path, dev_manifest: Path, max_steps: int, num_workers: int, processes: int = 1
+) -> dict:
+    """The full NeMo model config (the `model:` section of NeMo's YAML) for these flags, for each of `processes`."""
     vocabulary = labels(args)
     dataset = {
         "labels": vocabulary,
         "sample_rate": args.sample_rate,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size(args, processes),
         "num_workers": num_workers,
         "pin_memory": num_workers > 0,
         "trim_silence": False,

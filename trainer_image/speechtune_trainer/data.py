@@ -63,8 +63,13 @@ class Utterance:
         return 0.35 + len(self.text.split()) * 60.0 / self.speed
 
 
-def plan(hours: float, seed: int, vocabulary: str, language: str = "en") -> list[Utterance]:
-    """Choose every utterance of the corpus from the seed alone, until the planned audio reaches `hours`."""
+def plan(
+    hours: float, seed: int, vocabulary: str, language: str = "en", speaker: tuple[str, int, int] | None = None
+) -> list[Utterance]:
+    """Choose every utterance of the corpus from the seed alone, until the planned audio reaches `hours`.
+
+    `speaker` (voice, speed, pitch) fixes the voice of every utterance: a single-speaker (TTS) corpus.
+    """
     rng = random.Random(seed)
     words = VOCABULARIES[language][vocabulary]
     voices = VOICES[language]
@@ -75,6 +80,8 @@ def plan(hours: float, seed: int, vocabulary: str, language: str = "en") -> list
         text = " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
         voice = rng.choice(voices) + rng.choice(VARIANTS)
         draft = Utterance("train", 0, text, voice, rng.randint(*SPEED_WPM), rng.randint(*PITCH))
+        if speaker is not None:
+            draft = Utterance("train", 0, text, *speaker)
         drafts.append(draft)
         total += draft.estimated_seconds()
     counts = {split: max(1, round(share * len(drafts))) for split, share in SPLIT_SHARES.items()}
@@ -124,12 +131,13 @@ def make_data(
     snr_db: float | None = None,
     workers: int = 4,
     language: str = "en",
+    speaker: tuple[str, int, int] | None = None,
 ) -> dict[str, Path]:
     """Write `{train,dev,test}_manifest.json`, their audio and `labels.json` under `out`; return the manifest paths."""
     from rich.console import Console
     from rich.progress import Progress
 
-    utterances = plan(hours, seed, vocabulary, language)
+    utterances = plan(hours, seed, vocabulary, language, speaker)
     for split in ("train", "dev", "test"):
         (out / "audio" / split).mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []

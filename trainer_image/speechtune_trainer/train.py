@@ -51,26 +51,44 @@ def training_manifest(data: Path, hours: float | None, workdir: Path) -> tuple[P
         entry["audio_filepath"] = str((data / entry["audio_filepath"]).resolve())
         kept.append(json.dumps(entry))
     subset = workdir / "train_subset_manifest.json"
-    subset.write_text("\n".join(kept) + "\n")
+    # Atomically: under DDP every process writes it, and a --checkpoint-dir may be shared by pods.
+    partial = subset.with_name(f"{subset.name}.{os.getpid()}")
+    partial.write_text("\n".join(kept) + "\n")
+    os.replace(partial, subset)
     return subset, len(kept)
 
 
-def train(args: argparse.Namespace) -> int:
-    """Train (or resume) one trial, optionally from --init-from's weights; return the process exit code."""
-    threads = args.threads or cpu_budget()
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+def usage_error(message: str) -> int:
+    print(f"speechtune-trainer asr: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train(args: argparse.Namespace, own_command_line: bool = True) -> int:
+    """Train (or resume) one trial, optionally from --init-from's weights; return the process exit code.
+
+    `own_command_line`: `args` came from this process's sys.argv, which Lightning's DDP launcher reruns
+    to start the other processes of this machine (False for in-process calls such as a warm worker's).
+    """
+    devices_known = config.local_devices_before_torch(args, in_process=not own_command_line)
+    if devices_known is not None and devices_known > 1 and not own_command_line:
+        return usage_error(
+            f"--devices {devices_known}: Lightning starts the other {devices_known - 1} processes by rerunning this "
+            "process's command line, so run the speechtune-trainer command, not an in-process call"
+        )
+    # The machine's CPUs are shared by its processes (one per device).
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or max(1, cpu_budget() // (devices_known or 1))))
 
     import torch
     from lightning.pytorch import Callback, Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy
     from omegaconf import OmegaConf
 
     from nemo.collections.asr.models import EncDecCTCModel, EncDecHybridRNNTCTCModel, EncDecRNNTModel
     from nemo.utils import logging as nemo_logging
     from speechtune_trainer import encoders, schedules, transfer
-    from speechtune_trainer.reporting import CharErrorCounter, ProtocolReporter
+    from speechtune_trainer.reporting import ErrorCounter, ProtocolReporter
 
-    torch.set_num_threads(threads)
     nemo_logging.setLevel(nemo_logging.WARNING)
     encoders.register()
     schedules.register()
@@ -78,8 +96,21 @@ def train(args: argparse.Namespace) -> int:
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator == "gpu" and not torch.cuda.is_available():
-        print("speechtune-trainer asr: error: --accelerator gpu, but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return usage_error("--accelerator gpu, but torch sees no CUDA device")
+    devices = devices_known or (torch.cuda.device_count() if accelerator == "gpu" else 1)
+    if accelerator == "gpu" and devices > torch.cuda.device_count():
+        return usage_error(f"--devices {devices}, but torch sees {torch.cuda.device_count()} CUDA devices")
+    nodes = config.num_nodes(args)
+    shape_problems = config.shape_problems(args, devices, nodes)
+    if shape_problems:
+        return usage_error("\n  ".join(["invalid flags:", *shape_problems]))
+    processes = devices * nodes
+    threads = args.threads or max(1, cpu_budget() // devices)
+    torch.set_num_threads(threads)
+    if devices > 1 and "LOCAL_RANK" not in os.environ:
+        # This process starts the machine's other processes with its own command line. They must not take
+        # --num-nodes from $WORLD_SIZE: Lightning sets that to all processes of all nodes before starting them.
+        sys.argv += [f"--devices={devices}", f"--num-nodes={nodes}"]
     precision = args.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32"
@@ -112,10 +143,10 @@ def train(args: argparse.Namespace) -> int:
         workdir = args.checkpoint_dir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
         train_manifest, utterances = training_manifest(args.data, args.train_hours, workdir)
-        max_steps = config.schedule_steps(args, utterances)
+        max_steps = config.schedule_steps(args, utterances, processes)
         num_workers = 0 if accelerator == "cpu" else min(8, threads)
         cfg = OmegaConf.create(
-            config.model_config(args, train_manifest, args.data / "dev_manifest.json", max_steps, num_workers)
+            config.model_config(args, train_manifest, args.data / "dev_manifest.json", max_steps, num_workers, processes)
         )
         callbacks: list[Callback] = [ScheduleHorizon(max_steps), StopWhenAsked()]
         if args.checkpoint_dir:
@@ -123,7 +154,10 @@ def train(args: argparse.Namespace) -> int:
         trainer = Trainer(
             max_epochs=args.epochs,
             accelerator=accelerator,
-            devices=1,
+            devices=devices,
+            num_nodes=nodes,
+            # Lightning's DDP: one process per device on each node; gloo on CPU, NCCL on GPU.
+            strategy=DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else "nccl") if processes > 1 else "auto",
             precision=precision,
             logger=False,
             enable_checkpointing=bool(args.checkpoint_dir),
@@ -143,11 +177,12 @@ def train(args: argparse.Namespace) -> int:
             try:
                 print(transfer.init_from(model, args.init_from, list(cfg.labels)), file=sys.stderr)
             except transfer.IncompatibleCheckpoint as error:
-                print(f"speechtune-trainer asr: error: --init-from {args.init_from}: {error}", file=sys.stderr)
-                return 2
-        reporter = ProtocolReporter(CharErrorCounter(model.wer))
+                return usage_error(f"--init-from {args.init_from}: {error}")
+        reporter = ProtocolReporter(ErrorCounter(model.wer))
         trainer.callbacks.append(reporter)
         trainer.fit(model, ckpt_path=checkpoint if resuming else None)
+    if not trainer.is_global_zero:
+        return 0  # only global rank 0 prints protocol lines
     if reporter.last is None:
         print("speechtune-trainer asr: error: stopped before the first epoch was validated", file=sys.stderr)
         return 1

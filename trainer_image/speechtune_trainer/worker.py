@@ -5,6 +5,10 @@ warm`) and hands it runs (docs/engine.md, "Warm workers"). Each run is `cli.main
 flags, exactly as a cold process would execute it: its flags are checked first (invalid ones end
 the run with exit code 2), and `train` seeds everything before it builds anything. Between runs
 the worker puts back what a run can leave behind (docs/trainer.md, "Warm workers").
+
+A worker is one process, so it runs single-process runs only: `--devices` defaults to 1 here, and a
+run asking for more (`--devices 2`, or `--num-nodes`/$WORLD_SIZE above 1) ends with exit code 2 and
+the reason (config.shape_problems), before torch is touched. DDP trials run cold.
 """
 
 from __future__ import annotations
