@@ -51,6 +51,20 @@ def test_each_encoder_and_decoder_trains_one_step(digits, capsys, encoder, decod
     assert lines[-1].final and lines[-1].metrics["wer"] >= 0
 
 
+@pytest.mark.parametrize(
+    ("encoder", "connections"),
+    [("conformer", ["--residual-scale", "1.0", "--skip-connections", "residual"]), ("gru", ["--skip-connections", "long"])],
+)
+def test_connection_options_train_one_step(digits, capsys, encoder, connections):
+    """Our connected encoders through NeMo's config instantiation (test_connections.py checks what they change)."""
+    lines = run_in_process(
+        capsys, "--data", str(digits), *TINY, "--encoder", encoder, *connections,
+        "--epochs", "1", "--train-hours", "0.004", "--batch-size", "64",
+    )
+    assert [line.step for line in lines if not line.final] == [1]
+    assert lines[-1].final and lines[-1].metrics["wer"] >= 0
+
+
 @pytest.mark.parametrize("schedule", config.SCHEDULES)
 def test_lr_flag_is_the_peak_learning_rate_of_every_schedule(schedule):
     """Builds each schedule the way the model does and checks the lr at the end of warmup."""

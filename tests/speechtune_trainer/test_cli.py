@@ -60,6 +60,8 @@ def test_underscores_in_values_are_kept():
         (["--devices", "2", "--num-nodes", "2", "--global-batch-size", "6"], "--global-batch-size (6) is not divisible by the 4 processes (--devices 2 x --num-nodes 2)"),
         (["--accelerator", "cpu", "--global-batch-size", "5", "--num-nodes", "2"], "--global-batch-size (5) is not divisible by the 2 processes (--devices 1 x --num-nodes 2)"),
         (["--accelerator", "cpu", "--precision", "16-mixed"], "--precision 16-mixed needs a GPU"),
+        (["--encoder", "lstm", "--residual-scale", "0.5"], "--residual-scale only applies to --encoder conformer or transformer"),
+        (["--residual-scale", "0"], "--residual-scale must be positive and finite, got 0.0"),
     ],
 )
 def test_invalid_combinations_exit_2_naming_the_flags(data_dir, capsys, flags, message):
@@ -137,6 +139,23 @@ def test_valid_flags_have_no_problems(data_dir):
     assert config.problems(args) == []  # the kernel size is the conformer's only
 
 
+def test_connection_flags_are_valid_where_they_mean_something(data_dir, capsys):
+    for encoder in config.ENCODERS:
+        for skip in config.SKIP_CONNECTIONS:
+            flags = ["--encoder", encoder, "--skip_connections", skip]
+            if encoder in config.RESIDUAL_ENCODERS:
+                flags += ["--residual_scale", "1.0"]
+            assert config.problems(parse_in(data_dir, *flags)) == [], flags
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["asr", "--data", str(data_dir), "--skip-connections", "dense"])
+    assert exit_.value.code == 2
+    assert "--skip-connections: invalid choice: 'dense'" in capsys.readouterr().err
+
+
+def parse_in(data: Path, *flags: str) -> object:
+    return cli.build_parser().parse_args(cli.with_dashes(["asr", "--data", str(data), *flags]))
+
+
 def test_missing_manifests_name_data(tmp_path, capsys):
     assert cli.main(["asr", "--data", str(tmp_path)]) == 2
     assert f"--data {tmp_path} has no train_manifest.json" in capsys.readouterr().err
@@ -155,6 +174,7 @@ def test_unknown_encoder_is_a_usage_error(data_dir, capsys):
         (["--d_model=100", "--attention_heads=8"], "--attention-heads (8)"),
         (["--devices=0"], "--devices must be at least 1"),
         (["--accelerator=cpu", "--devices=2", "--global_batch_size=3"], "--global-batch-size (3) is not divisible"),
+        (["--encoder=gru", "--residual_scale=1.0"], "--residual-scale only applies to --encoder conformer or transformer"),
     ],
 )
 def test_rejection_is_fast_and_imports_no_torch(data_dir, flags, message):

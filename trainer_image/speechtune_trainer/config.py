@@ -18,6 +18,8 @@ from speechtune.protocol import worker_mode
 
 ENCODERS = ("conformer", "transformer", "lstm", "gru")
 DECODERS = ("ctc", "transducer", "hybrid")
+SKIP_CONNECTIONS = ("none", "residual", "long")  # encoders.connect
+RESIDUAL_ENCODERS = ("conformer", "transformer")  # whose blocks have residual branches to scale
 SCHEDULES = ("noam", "warmup-cosine", "warmup-exponential", "plateau")
 LABELS_FILE = "labels.json"  # make-data's character set, the default vocabulary
 INIT_SUFFIXES = (".ckpt", ".nemo")
@@ -48,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arch.add_argument("--attention-heads", type=int, default=4, help="conformer and transformer only")
     arch.add_argument("--conv-kernel-size", type=int, default=15, help="conformer only; odd")
     arch.add_argument("--dropout", type=float, default=0.1)
+    arch.add_argument(
+        "--residual-scale", type=float, default=None,
+        help="conformer and transformer only: the weight of each block's feed-forward residual branches (NeMo's half step, 0.5)",
+    )
+    arch.add_argument(
+        "--skip-connections", choices=SKIP_CONNECTIONS, default="none",
+        help="across the encoder's blocks: residual adds each block's input to its output; long adds the first block's input to the last's output",
+    )
     decoder = parser.add_argument_group("decoder")
     decoder.add_argument("--decoder", choices=DECODERS, default="ctc")
     decoder.add_argument(
@@ -198,6 +208,14 @@ def problems(args: argparse.Namespace) -> list[str]:
         )
     if args.encoder == "conformer" and args.conv_kernel_size % 2 == 0:  # NeMo pads it symmetrically
         found.append(f"--conv-kernel-size must be odd for --encoder conformer, got {args.conv_kernel_size}")
+    if args.residual_scale is not None:
+        if args.encoder not in RESIDUAL_ENCODERS:
+            found.append(
+                f"--residual-scale only applies to --encoder conformer or transformer (their blocks' feed-forward "
+                f"residuals), not --encoder {args.encoder}, whose blocks have none; see --skip-connections"
+            )
+        elif not 0 < args.residual_scale < math.inf:
+            found.append(f"--residual-scale must be positive and finite, got {args.residual_scale}")
     if args.encoder in ("lstm", "gru") and args.d_model % 2:
         found.append(f"--encoder {args.encoder} is bidirectional, so --d-model must be even, got {args.d_model}")
 
@@ -299,10 +317,22 @@ def batch_size(args: argparse.Namespace, processes: int) -> int:
     return args.batch_size or DEFAULT_BATCH_SIZE
 
 
+def connection_config(args: argparse.Namespace) -> dict:
+    """The encoder arguments of --residual-scale and --skip-connections; none at their defaults (NeMo's own encoder)."""
+    options = {}
+    if args.residual_scale is not None:
+        options["residual_scale"] = args.residual_scale
+    if args.skip_connections != "none":
+        options["skip_connections"] = args.skip_connections
+    return options
+
+
 def encoder_config(args: argparse.Namespace) -> dict:
+    connections = connection_config(args)
     if args.encoder in ("conformer", "transformer"):
         target = {
-            "conformer": "nemo.collections.asr.modules.ConformerEncoder",
+            # NeMo's, unless a connection option needs ours (the same encoder plus those options).
+            "conformer": "speechtune_trainer.encoders.ConformerEncoder" if connections else "nemo.collections.asr.modules.ConformerEncoder",
             "transformer": "speechtune_trainer.encoders.TransformerEncoder",  # the conformer minus convolutions
         }[args.encoder]
         return {
@@ -322,10 +352,11 @@ def encoder_config(args: argparse.Namespace) -> dict:
             "dropout_pre_encoder": args.dropout,
             "dropout_emb": 0.0,
             "dropout_att": args.dropout,
+            **connections,
         }
     if args.encoder == "lstm":
         return {
-            "_target_": "nemo.collections.asr.modules.RNNEncoder",
+            "_target_": "speechtune_trainer.encoders.LSTMEncoder" if connections else "nemo.collections.asr.modules.RNNEncoder",
             "feat_in": args.n_mels,
             "n_layers": args.num_layers,
             "d_model": args.d_model,
@@ -335,6 +366,7 @@ def encoder_config(args: argparse.Namespace) -> dict:
             "subsampling": "striding",
             "subsampling_factor": SUBSAMPLING_FACTOR,
             "dropout": args.dropout,
+            **connections,
         }
     return {
         "_target_": "speechtune_trainer.encoders.GRUEncoder",
@@ -342,6 +374,7 @@ def encoder_config(args: argparse.Namespace) -> dict:
         "n_layers": args.num_layers,
         "d_model": args.d_model,
         "dropout": args.dropout,
+        **connections,
     }
 
 

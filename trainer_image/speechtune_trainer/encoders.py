@@ -5,6 +5,9 @@
   (relative-position self-attention plus the macaron feed-forward blocks).
 - gru: NeMo's RNNEncoder accepts rnn_type="gru" but only builds layers for "lstm", so this
   keeps its subsampling, typing and forward and swaps each LSTM for a GRU of the same width.
+- connections (`--residual-scale`, `--skip-connections`): ConformerEncoder and LSTMEncoder are
+  NeMo's encoders plus those two options; the skips are forward hooks, so the parameters and
+  their names are NeMo's.
 
 NeMo only instantiates `_target_`s under approved prefixes; `register` adds this module.
 """
@@ -14,10 +17,74 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nemo.collections.asr.modules import ConformerEncoder, RNNEncoder
+from nemo.collections.asr import modules as nemo_modules
 from nemo.core.classes import common
 
 TARGET_PREFIX = f"{__name__}."
+
+
+def connect(encoder: nn.Module, entries: list[nn.Module], exits: list[nn.Module], skip: str) -> None:
+    """Add skip connections across an encoder's blocks; block i reads at entries[i] and writes at exits[i].
+
+    residual: each block's input is added to its output. long: the first block's input (the
+    subsampled, projected features) is added to the last block's output. none: unchanged.
+    """
+    if skip == "none":
+        return
+    if skip not in ("residual", "long"):
+        raise ValueError(f"skip_connections must be none, residual or long, got {skip!r}")
+    pairs = list(zip(entries, exits)) if skip == "residual" else [(entries[0], exits[-1])]
+    encoder._skip_inputs = {}
+    for index, (entry, exit_) in enumerate(pairs):
+        entry.register_forward_pre_hook(_SkipIn(encoder, index), with_kwargs=True)
+        exit_.register_forward_hook(_SkipOut(encoder, index))
+
+
+class _SkipIn:
+    """Remembers a block's input (the `x` keyword of a Conformer layer, else the first argument)."""
+
+    def __init__(self, encoder: nn.Module, index: int) -> None:
+        self.encoder, self.index = encoder, index
+
+    def __call__(self, module, args, kwargs):
+        self.encoder._skip_inputs[self.index] = kwargs["x"] if "x" in kwargs else args[0]
+
+
+class _SkipOut:
+    """Adds the remembered input to the block's output (the first element of a tuple output)."""
+
+    def __init__(self, encoder: nn.Module, index: int) -> None:
+        self.encoder, self.index = encoder, index
+
+    def __call__(self, module, args, output):
+        skipped = self.encoder._skip_inputs.pop(self.index)
+        if isinstance(output, tuple):
+            return (output[0] + skipped, *output[1:])
+        return output + skipped
+
+
+class ConformerEncoder(nemo_modules.ConformerEncoder):
+    """NeMo's ConformerEncoder with `residual_scale` (the weight of each layer's two feed-forward
+    residual branches, NeMo's fixed half step `fc_factor` 0.5) and `skip_connections` (see connect)."""
+
+    def __init__(self, residual_scale: float | None = None, skip_connections: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        if residual_scale is not None:
+            for layer in self.layers:
+                layer.fc_factor = residual_scale
+        connect(self, list(self.layers), list(self.layers), skip_connections)
+
+
+class LSTMEncoder(nemo_modules.RNNEncoder):
+    """NeMo's RNNEncoder with `skip_connections` (see connect); a block is an RNN, its LayerNorm and its dropout."""
+
+    def __init__(self, skip_connections: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        self._connect(skip_connections)
+
+    def _connect(self, skip: str) -> None:
+        blocks = [self.layers[start : start + 3] for start in range(0, len(self.layers), 3)]
+        connect(self, [block[0] for block in blocks], [block[-1] for block in blocks], skip)
 
 
 class _NoConvolution(nn.Module):
@@ -28,7 +95,7 @@ class _NoConvolution(nn.Module):
 
 
 class TransformerEncoder(ConformerEncoder):
-    """ConformerEncoder without convolution modules; accepts ConformerEncoder's arguments."""
+    """ConformerEncoder without convolution modules; accepts ConformerEncoder's arguments (and ours)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -37,10 +104,10 @@ class TransformerEncoder(ConformerEncoder):
             layer.conv = _NoConvolution()
 
 
-class GRUEncoder(RNNEncoder):
+class GRUEncoder(LSTMEncoder):
     """RNNEncoder with bidirectional GRU layers; `d_model` is the output width (half per direction)."""
 
-    def __init__(self, feat_in: int, n_layers: int, d_model: int, dropout: float = 0.2):
+    def __init__(self, feat_in: int, n_layers: int, d_model: int, dropout: float = 0.2, skip_connections: str = "none"):
         super().__init__(
             feat_in=feat_in,
             n_layers=n_layers,
@@ -57,6 +124,7 @@ class GRUEncoder(RNNEncoder):
                 self.layers[index] = nn.GRU(
                     input_size=d_model, hidden_size=d_model // 2, num_layers=1, batch_first=True, bidirectional=True
                 )
+        self._connect(skip_connections)  # after the swap: the hooks belong on the GRUs
 
 
 def register() -> None:
