@@ -79,8 +79,11 @@ def make_tts_data(
             wav = out / json.loads(line)["audio_filepath"]
             # NeMo names a contour after the audio path relative to the manifest's common folder (here audio/<split>).
             jobs.append((wav, pitch_folder / f"{wav.stem}.pt", sample_rate))
+    # The first contour here, not in the pool: it compiles librosa's numba functions and writes their on-disk cache
+    # once. Workers compiling at once write that cache concurrently, and a torn cache file segfaults later loads.
+    contours = [_save_pitch(jobs[0])]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        contours = list(pool.map(_save_pitch, jobs, chunksize=8))
+        contours += pool.map(_save_pitch, jobs[1:], chunksize=8)
     train = len(manifests["train"].read_text().splitlines())
     voiced = np.concatenate([f0[f0 > 0] for f0 in contours[:train]])
     stats = {
