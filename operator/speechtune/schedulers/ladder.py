@@ -449,7 +449,9 @@ class Ladder(Scheduler):
             recorded[level.name] = found
         if recorded != self.study.user_attrs.get(record.COSTS, {}):
             self.study.set_user_attr(record.COSTS, recorded)
-        self.study.set_user_attr(record.SPEND, self._spend(configs))
+        spend = self._spend(configs)
+        if spend != self.study.user_attrs.get(record.SPEND):  # a storage write only when it moved
+            self.study.set_user_attr(record.SPEND, spend)
 
     def _spend(self, configs: list[FrozenTrial]) -> dict[str, Any]:
         """All the ladder's runs so far in full runs' worth (the median cost of reaching the top): what a search at
