@@ -19,6 +19,7 @@ from rich.text import Text
 from speechtune import leaderboard, record, spec
 from speechtune.executor import Event, Executor, Outcome
 from speechtune.local import LocalProcessBackend
+from speechtune.schedulers import handoff
 from speechtune.schedulers.stages import describe_result
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
 from speechtune.workers import WarmWorkerBackend, saving
@@ -229,6 +230,8 @@ def _print_results(study: optuna.Study, console: Console) -> None:
         state = found.get("state", "Pending")
         console.print(f"stage {name} ({found.get('kind', '?')}): {state}"
                       + (f", {describe_result(found, metric)}" if state == "Succeeded" else ""), highlight=False)
+        if found.get("handoff"):
+            console.print(f"  {handoff.describe(name, found['handoff'])}", highlight=False)
     for pair, found in study.user_attrs.get(record.CORRELATIONS, {}).items():
         warning = "  [red]ProxyUnreliable[/red]" if found["unreliable"] else ""
         console.print(f"proxy rank correlation {pair}: Spearman rho {found['rho']:.2f} over {found['pairs']} configurations{warning}")
@@ -264,7 +267,8 @@ class _Display:
         if event.kind in ("started", "level-done"):
             return
         style = {"pruned": "yellow", "completed": "green", "failed": "red", "study-failed": "bold red",
-                 "promoted": "cyan", "proxy-unreliable": "bold red", "proxy-costly": "bold red", "stage-started": "bold", "stage-finished": "bold"}.get(event.kind, "")
+                 "promoted": "cyan", "proxy-unreliable": "bold red", "proxy-costly": "bold red", "stage-started": "bold", "stage-finished": "bold",
+                 "handoff": "bold"}.get(event.kind, "")
         prefix = f"trial {event.number} " if event.number is not None else ""
         self.console.print(Text(f"{time.strftime('%H:%M:%S')} {prefix}{event.kind}: {event.message}", style=style))
 

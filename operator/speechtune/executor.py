@@ -214,6 +214,12 @@ class Executor:
     def notify(self, event: Event) -> None:
         self._notify(event)
 
+    def fail_study(self, message: str) -> None:
+        """End the study Failed: a scheduler cannot go on (e.g. a stage's handoff has nothing to hand on)."""
+        if not self._failed_message:
+            self._failed_message = message
+            self._wake.set()
+
     def complete(self, trial: optuna.Trial | int, value: float, message: str, started: float,
                  attrs: dict[str, Any] | None = None) -> None:
         """Tell Optuna a trial is COMPLETE with ``value``, with ``attrs`` in the same commit."""
@@ -369,6 +375,7 @@ class RunResult:
     stopped: bool = False
     seconds: float = 0.0  # on the loop's clock, from the first read of the run's output to its end: what the run cost
     startup_seconds: float | None = None  # before its first epoch: the first report's time less the next one's gap
+    params: dict[str, Any] = field(default_factory=dict)  # what the final line reported for a following stage (``params``)
 
 
 async def follow_output(run: TrialRun, objective: str, on_step: Callable[[int, float], bool], labels: dict[str, str],
@@ -413,10 +420,13 @@ async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, fl
     final_value: float | None = None
     last_value: float | None = None
     last_metrics: dict[str, float] = {}
+    reported: dict[str, Any] = {}
     async for raw in run.lines():
         line = parse_line(raw)
         if line is None:
             continue
+        if line.final and "params" in line.extra:
+            reported = reported_params(line.extra["params"])
         value = line.metrics.get(objective)
         if value is None:
             continue
@@ -440,7 +450,19 @@ async def _read_output(run: TrialRun, objective: str, on_step: Callable[[int, fl
         raise TrialFailed(exit.reason or "Error", exit.message or f"exit code {exit.exit_code}")
     if final_value is None and last_value is None:
         raise TrialFailed("NoMetrics", f"the trainer exited 0 but printed no protocol line with {objective!r}")
-    return RunResult(final_value if final_value is not None else last_value, last_metrics)
+    return RunResult(final_value if final_value is not None else last_value, last_metrics, params=reported)
+
+
+def reported_params(value: Any) -> dict[str, Any]:
+    """A final line's ``params`` (parameters for a following stage, e.g. a derived architecture), checked:
+    a trainer that gets it wrong fails its trial, naming what is wrong, rather than handing on nonsense."""
+    if not isinstance(value, dict) or not value:
+        raise TrialFailed("BadParams", f"the final line's params must be a non-empty object of parameter name -> value, got {value!r}")
+    bad = [name for name, item in value.items() if not spec.PARAM_NAME.match(name) or not isinstance(item, (str, int, float, bool))]
+    if bad:
+        raise TrialFailed("BadParams", f"the final line's params {bad!r}: each must be a parameter name (letters, digits, '_') "
+                                       "with a string, number or boolean value")
+    return dict(value)
 
 
 def describe(params: dict) -> str:

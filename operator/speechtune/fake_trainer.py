@@ -6,9 +6,11 @@ pruning behave realistically in seconds. Known parameters have an optimum
 (``OPTIMA``); unknown numeric parameters are ignored, as a trainer ignores
 flags it does not use. Fault flags (``--fail-at``, ``--nan-at``, ``--junk``,
 ``--hang``, and for warm workers ``--raise-at``, ``--oom-at``, ``--forge``) exercise the engine's
-error paths. With ``--checkpoint_dir`` it leaves a ``last.ckpt`` there each epoch; with
-``--init_from`` (a file that must exist) its learning curve starts 3 epochs ahead, as a
-warm-started model would. Started with SPEECHTUNE_WORKER=1 it is a warm worker.
+error paths. With ``--checkpoint_dir`` it leaves a ``last.ckpt`` there each epoch, naming the
+checkpoints it loaded; with ``--init_from`` or any ``--<name>_checkpoint`` (files that must exist,
+e.g. a vocoder's frozen acoustic model) its learning curve starts 3 epochs ahead, as a warm-started
+model would. ``--derive`` reports parameters on its final line, as an architecture search reports
+the architecture it derived. Started with SPEECHTUNE_WORKER=1 it is a warm worker.
 
     python -m speechtune.fake_trainer --epochs=9 --lr=0.0003 --num_layers=8
 """
@@ -101,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="below this train_hours, rank configurations backwards: a proxy that cannot be trusted")
     parser.add_argument("--flat-below-hours", type=float, default=0.0,
                         help="below this train_hours, report WER 1.0 for every configuration: a proxy that ranks nothing")
+    parser.add_argument("--derive", action="append", default=[], metavar="NAME=A|B|...",
+                        help="report NAME in the final line's params: one of the choices, picked by the run's parameters")
     known, rest = parser.parse_known_args(argv)
     params = dict(_flag(arg) for arg in rest if arg.startswith("--") and "=" in arg)
-    init_from = params.pop("init_from", None)
-    if init_from is not None and not os.path.isfile(init_from):
-        print(f"fake trainer: error: --init_from {init_from}: no such checkpoint", file=sys.stderr)
-        return 2
+    loaded = {name: params.pop(name) for name in list(params) if name == "init_from" or name.endswith("_checkpoint")}
+    for name, path in loaded.items():
+        if not os.path.isfile(path):
+            print(f"fake trainer: error: --{name} {path}: no such checkpoint", file=sys.stderr)
+            return 2
     # A warm-started model starts where a cold one is after 3 epochs: transfer, in miniature.
-    head_start = 3 if init_from else 0
+    head_start = 3 if loaded else 0
 
     def score(step: int) -> float:
         return measure(params, step + head_start, known.misleading_below_hours, known.flat_below_hours)
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if known.timeline:
         _timeline(known.timeline, "start")
     try:
-        return _train(known, params, score)
+        return _train(known, params, score, loaded)
     finally:
         if known.timeline:
             _timeline(known.timeline, "end")
@@ -130,7 +135,7 @@ def _timeline(path: str, what: str) -> None:
         timeline.write(f"{os.environ.get('SPEECHTUNE_TRIAL', '?')} {what} {time.time():.6f}\n")
 
 
-def _train(known: argparse.Namespace, params: dict, score) -> int:
+def _train(known: argparse.Namespace, params: dict, score, loaded: dict[str, str]) -> int:
     if known.no_metrics:
         print("training... done (but forgot to report)")
         return 0
@@ -155,11 +160,21 @@ def _train(known: argparse.Namespace, params: dict, score) -> int:
         if params.get("checkpoint_dir"):  # a stand-in for the model: what a warm start would load
             os.makedirs(params["checkpoint_dir"], exist_ok=True)
             with open(os.path.join(params["checkpoint_dir"], "last.ckpt"), "w") as checkpoint:
-                json.dump({"params": params, "epoch": epoch}, checkpoint)
+                json.dump({"params": params, "epoch": epoch, "loaded": loaded}, checkpoint)
         if known.hang:
             time.sleep(10**6)
-    report(final=True, wer=score(known.epochs))
+    derived = {name: _pick(choices.split("|"), params) for name, choices in (item.split("=", 1) for item in known.derive)}
+    report(final=True, wer=score(known.epochs), **({"params": derived} if derived else {}))
     return 0
+
+
+def _pick(choices: list[str], params: dict[str, str]) -> str | float:
+    """One of ``choices``, fixed by the run's parameters; a number stays a number."""
+    choice = choices[zlib.crc32(repr(sorted(params.items())).encode()) % len(choices)]
+    try:
+        return float(choice) if "." in choice else int(choice)
+    except ValueError:
+        return choice
 
 
 class InProcessRun:

@@ -22,6 +22,7 @@ BRACKET = "bracket"  # fidelity ladder with brackets: the Hyperband bracket of a
 STAGE = "stage"  # the spec.stages entry a trial belongs to
 SEED = "seed"  # a baseline trial's seed, when the baseline runs several
 CHECKPOINT = "checkpoint"  # the trial's final checkpoint file, kept for warm start (spec.checkpoints)
+REPORTED_PARAMS = "reported_params"  # parameters the trial's final line reported, for a following stage's handoff
 WARM_START_FROM = "warm_start_from"  # "study#number": a configuration enqueued from a warm-start source
 
 INTERRUPTED = "interrupted"  # fail reason of a trial whose runner died; not a real failure

@@ -232,6 +232,23 @@ class Stage:
     seeds: int = 1  # baseline: runs with seeds 0..N-1; validate: reruns of the best with seeds 1..N
     top_k: int = 5  # refine: the region is around the best top_k configurations so far
     margin: float = 0.1  # refine: widen each range by this share of its full width on each side
+    template: TrialTemplate | None = None  # its own trainer (command, args, env, image): search_space is then its own
+    handoff: Handoff | None = None
+
+    def space(self, study_space: tuple[Param, ...]) -> tuple[Param, ...]:
+        """The parameters this stage samples: its own space when it runs its own trainer, else the study's."""
+        return self.search_space if self.template is not None else study_space
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What a stage takes from an earlier stage's best trial: its kept checkpoint, passed as the flag
+    ``checkpoint_flag`` (e.g. a vocoder's ``--acoustic_checkpoint``), and/or the parameters its final
+    protocol line reported (``params``: e.g. the architecture a weight-sharing search derived)."""
+
+    stages: tuple[str, ...]  # the best trial of these stages together (e.g. a baseline and the search after it)
+    checkpoint_flag: str | None = None
+    params: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,6 +290,14 @@ class Study:
     stages: tuple[Stage, ...] = ()
     warm_start: WarmStart | None = None
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
+
+    def template_of(self, stage: Stage | None) -> TrialTemplate:
+        """What a stage's runs start: the study's trialTemplate, with the stage's own command, args, env and image."""
+        own = stage.template if stage is not None else None
+        if own is None:
+            return self.trial_template
+        return replace(self.trial_template, command=own.command, args=own.args, env={**self.trial_template.env, **own.env},
+                       image=own.image or self.trial_template.image)
 
 
 class _Loader(yaml.SafeLoader):
@@ -411,6 +436,13 @@ def _parse_spec(spec: dict, name: str, namespace: str | None, check: _Checker) -
         check.fail("spec.fidelity", "give the ladder on the stage that uses it (spec.stages[i].fidelity), not with spec.stages")
     warm_start = _parse_warm_start(spec["warmStart"], space, check) if "warmStart" in spec else None
     checkpoints = _parse_checkpoints(check.mapping(spec.get("checkpoints"), "spec.checkpoints"), check)
+    for index, stage in enumerate(stages):
+        if stage.template is not None and template.workers.mode == "warm":
+            check.fail(f"spec.stages[{index}].trialTemplate",
+                       "not with spec.trialTemplate.workers.mode warm: a warm worker runs the study's command")
+        if stage.handoff is not None and stage.handoff.checkpoint_flag and not checkpoints.keep_best:
+            check.fail(f"spec.stages[{index}].handoff.checkpointFlag",
+                       f"needs spec.checkpoints.keepBest >= 1: the best checkpoint of {', '.join(stage.handoff.stages)} must be kept")
     validation = check.mapping(spec.get("validation"), "spec.validation")
     check.unknown_keys(validation, "spec.validation", {"seeds"})
     seeds = check.integer(validation.get("seeds"), "spec.validation.seeds", default=0, minimum=0, maximum=MAX_SEEDS) or 0
@@ -448,14 +480,14 @@ GRID_CONDITIONAL = ("the grid sampler needs a fixed search space, and this one h
                     "use tpe or random, or list the combinations as categoricals")
 
 _STAGE_FIELDS = {
-    "baseline": {"name", "kind", "params", "seeds"},
-    "search": {"name", "kind", "maxTrials", "sampler", "pruner", "fidelity", "searchSpace", "fixed"},
+    "baseline": {"name", "kind", "params", "seeds", "trialTemplate", "searchSpace", "handoff"},
+    "search": {"name", "kind", "maxTrials", "sampler", "pruner", "fidelity", "searchSpace", "fixed", "trialTemplate", "handoff"},
     "refine": {"name", "kind", "maxTrials", "sampler", "pruner", "fidelity", "fixed", "topK", "margin"},
     "validate": {"name", "kind", "seeds"},
 }
 
 
-def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, objective: Objective,
+def _parse_stages(value: Any, study_space: tuple[Param, ...], default_pruner: Pruner, objective: Objective,
                   check: _Checker) -> tuple[Stage, ...]:
     if not isinstance(value, list) or not value:
         check.fail("spec.stages", "must be a non-empty list of stages, e.g. [{name: coarse, kind: search, maxTrials: 20}]")
@@ -479,6 +511,19 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
             check.fail(f"{path}.kind", f"is required, one of: {', '.join(STAGE_KINDS)}; got {kind!r}")
             continue
         check.unknown_keys(raw, path, _STAGE_FIELDS[kind])
+        template = _parse_stage_template(raw["trialTemplate"], f"{path}.trialTemplate", check) if "trialTemplate" in raw else None
+        if template is not None and "searchSpace" not in raw and kind == "search":
+            check.fail(f"{path}.searchSpace", "is required with a stage's own trialTemplate: the parameters of its trainer")
+        elif template is None and "searchSpace" in raw and kind == "baseline":
+            check.fail(f"{path}.searchSpace", "a baseline stage takes params, or its own trialTemplate with its own searchSpace")
+        space = study_space
+        region: tuple[Param, ...] = ()
+        if template is not None:  # its own trainer: its searchSpace is its own, conditions and all
+            region = space = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check) if "searchSpace" in raw else ()
+        elif "searchSpace" in raw:
+            region = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check, region=True)
+            _check_region(region, space, f"{path}.searchSpace", check)
+        handoff = _parse_handoff(raw["handoff"], f"{path}.handoff", stages, space, check) if "handoff" in raw else None
         searching = kind in ("search", "refine")
         if kind in ("validate", "refine") and not any(s.kind in ("baseline", "search", "refine") for s in stages):
             what = "the best configuration so far" if kind == "validate" else "the top-k of the earlier stages"
@@ -497,8 +542,6 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
             check.fail(f"{path}.sampler.type", GRID_CONDITIONAL)
         if fidelity is not None and (pruner or default_pruner).type != "none":
             check.fail(f"{path}.pruner.type", "must be none with a ladder: the ladder decides which configurations continue")
-        region = _parse_search_space(raw["searchSpace"], f"{path}.searchSpace", check, region=True) if "searchSpace" in raw else ()
-        _check_region(region, space, f"{path}.searchSpace", check)
         fixed = check.mapping(raw.get("fixed"), f"{path}.fixed")
         params = check.mapping(raw.get("params"), f"{path}.params")
         for entries, where in ((fixed, f"{path}.fixed"), (params, f"{path}.params")):
@@ -518,9 +561,45 @@ def _parse_stages(value: Any, space: tuple[Param, ...], default_pruner: Pruner, 
                               maximum=MAX_SEEDS) or 1
         top_k = check.integer(raw.get("topK"), f"{path}.topK", default=5, minimum=1, maximum=MAX_TOP_K) or 5
         margin = _fraction(raw.get("margin"), f"{path}.margin", check)
+        if fidelity is not None and template is not None:
+            check.fail(f"{path}.fidelity", "not with a stage's own trialTemplate: a ladder's levels are flags of the study's trainer")
         stages.append(Stage(name=name, kind=kind, max_trials=max_trials, sampler=sampler, pruner=pruner, fidelity=fidelity,
-                            search_space=region, fixed=dict(fixed), params=dict(params), seeds=seeds, top_k=top_k, margin=margin))
+                            search_space=region, fixed=dict(fixed), params=dict(params), seeds=seeds, top_k=top_k, margin=margin,
+                            template=template, handoff=handoff))
     return tuple(stages)
+
+
+def _parse_stage_template(value: Any, path: str, check: _Checker) -> TrialTemplate:
+    """A stage's own trainer: command (required), args, env and image; resources and workers stay the study's."""
+    value = check.mapping(value, path)
+    check.unknown_keys(value, path, {"command", "args", "env", "image"})
+    command, args, image = _command_args_image(value, path, check)
+    return TrialTemplate(command=command, args=args, image=image, env=_parse_env(value.get("env", {}) or {}, f"{path}.env", check))
+
+
+def _parse_handoff(value: Any, path: str, earlier: list[Stage], space: tuple[Param, ...], check: _Checker) -> Handoff | None:
+    value = check.mapping(value, path)
+    check.unknown_keys(value, path, {"from", "checkpointFlag", "params"})
+    given = value.get("from")
+    names = given if isinstance(given, list) and given else [None]
+    sources = [stage.name for stage in earlier if stage.kind != "validate"]
+    unknown = [name for name in names if name not in sources]
+    if unknown:
+        check.fail(f"{path}.from", f"must be a list of earlier baseline, search or refine stages ({', '.join(sources) or 'none yet'}), "
+                                   f"got {given!r}")
+    flag = value.get("checkpointFlag")
+    if flag is not None and (not isinstance(flag, str) or not PARAM_NAME.match(flag)):
+        check.fail(f"{path}.checkpointFlag", f"must be a flag name (letters, digits, '_'; the run gets --<name>=<file>), got {flag!r}")
+        flag = None
+    elif flag is not None and any(param.name == flag for param in space):
+        check.fail(f"{path}.checkpointFlag", f"{flag!r} is also a parameter this stage samples")
+    params = value.get("params", False)
+    if not isinstance(params, bool):
+        check.fail(f"{path}.params", f"must be true or false, got {params!r}")
+        params = False
+    if flag is None and not params and "checkpointFlag" not in value:
+        check.fail(path, "does nothing: give checkpointFlag (pass the best checkpoint) and/or params: true (its reported parameters)")
+    return Handoff(stages=tuple(names), checkpoint_flag=flag, params=params) if not unknown else None
 
 
 def _fraction(value: Any, path: str, check: _Checker, default: float = 0.1) -> float:
@@ -884,6 +963,17 @@ def _parse_param(entry: Any, path: str, check: _Checker, region: bool = False) -
 def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     path = "spec.trialTemplate"
     check.unknown_keys(value, path, {"image", "command", "args", "env", "resources", "workers", "replicas"})
+    command, args, image = _command_args_image(value, path, check)
+    env = _parse_env(value.get("env", {}) or {}, f"{path}.env", check)
+    return TrialTemplate(
+        command=command, args=args, image=image,
+        env=env, resources=_parse_resources(check.mapping(value.get("resources"), f"{path}.resources"), f"{path}.resources", check),
+        workers=_parse_workers(check.mapping(value.get("workers"), f"{path}.workers"), check),
+        replicas=_parse_replicas(value, path, check),
+    )
+
+
+def _command_args_image(value: dict, path: str, check: _Checker) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
     command = value.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command):
         check.fail(f"{path}.command", "is required: a non-empty list of strings, e.g. [speechtune-trainer, asr]")
@@ -892,16 +982,10 @@ def _parse_template(value: dict, check: _Checker) -> TrialTemplate:
     if not isinstance(args, list) or not all(isinstance(arg, (str, int, float)) for arg in args):
         check.fail(f"{path}.args", "must be a list of strings")
         args = []
-    env = _parse_env(value.get("env", {}) or {}, f"{path}.env", check)
     image = value.get("image")
     if image is not None and not isinstance(image, str):
         check.fail(f"{path}.image", "must be a string")
-    return TrialTemplate(
-        command=tuple(command), args=tuple(str(arg) for arg in args), image=image,
-        env=env, resources=_parse_resources(check.mapping(value.get("resources"), f"{path}.resources"), f"{path}.resources", check),
-        workers=_parse_workers(check.mapping(value.get("workers"), f"{path}.workers"), check),
-        replicas=_parse_replicas(value, path, check),
-    )
+    return tuple(command), tuple(str(arg) for arg in args), image
 
 
 def _parse_replicas(value: dict, path: str, check: _Checker) -> int:

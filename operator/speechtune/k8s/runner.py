@@ -38,6 +38,7 @@ from speechtune.k8s.dispatch import URL_ENV as DISPATCH_URL_ENV
 from speechtune.k8s.dispatch import Dispatch
 from speechtune.k8s.manifests import API_VERSION, STUDY_KIND, JobOptions, Owner, checkpoint_root, trial_name
 from speechtune.k8s.workers import KubernetesWorkerBackend
+from speechtune.schedulers import handoff
 from speechtune.schedulers.ladder import Ladder
 from speechtune.schedulers.stages import Stages, announcement
 from speechtune.storage import StorageUnavailable, WriteThroughStorage, open_rdb, redact
@@ -53,7 +54,7 @@ API_PROBE_SECONDS = (0.5, 2.0)  # after the API server failed the engine: ask fo
 STATUS_RETRY_SECONDS = (0.5, 10.0)  # a status write that failed is sent again after 0.5 s, doubling to 10 s
 PATCH_CONCURRENCY = 16
 
-STAGE_EVENTS = ("stage-started", "stage-finished")  # posted from the stage records, once each: see _post_stage_events
+STAGE_EVENTS = ("stage-started", "handoff", "stage-finished")  # posted from the stage records, once each: see _post_stage_events
 EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "started": ("Normal", "TrialStarted"),
     "pruned": ("Normal", "TrialPruned"),
@@ -68,6 +69,7 @@ EVENTS = {  # engine event -> (Kubernetes event type, reason)
     "study-succeeded": ("Normal", "StudySucceeded"),
     "stage-started": ("Normal", "StageStarted"),
     "stage-finished": ("Normal", "StageFinished"),
+    "handoff": ("Normal", "Handoff"),
     "warm-started": ("Normal", "WarmStarted"),
     "warm-start-report": ("Normal", "WarmStartReport"),
 }
@@ -555,7 +557,7 @@ class StudyRunner:
             delay = min(delay * 2, limit)
 
     async def _post_stage_events(self, stages: tuple[spec.Stage, ...], records: dict[str, dict[str, Any]], objective: str) -> None:
-        """StageStarted and StageFinished, exactly once per stage, from what storage records.
+        """StageStarted, Handoff and StageFinished, exactly once per stage, from what storage records.
 
         The engine records a stage's start and end before it announces them, and kopf posts Events in
         the background: an operator killed at a stage transition could lose the announcement. So the
@@ -568,10 +570,13 @@ class StudyRunner:
             wanted = []
             if found.get("state") in ("Running", "Succeeded"):
                 wanted.append(("stage-started", found.get("startedAt")))
+            if found.get("handoff"):
+                wanted.append(("handoff", found.get("startedAt")))
             if found.get("state") == "Succeeded":
                 wanted.append(("stage-finished", found.get("finishedAt")))
             for kind, at in wanted:
-                message = announcement(kind, stage, found, objective)
+                message = (handoff.describe(stage.name, found["handoff"]) if kind == "handoff"
+                           else announcement(kind, stage, found, objective))
                 name = f"{self.name}.{uid}.{kind}.{stage.name}"
                 if name in self._posted:
                     continue

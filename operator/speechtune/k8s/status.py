@@ -151,6 +151,10 @@ def stages_status(stages: tuple, records: dict[str, dict[str, Any]]) -> list[dic
             entry["bestTrial"], entry["bestValue"] = found["best"]["number"], found["best"]["value"]
         if found.get("region"):
             entry["region"] = {name: [str(v) for v in values] for name, values in found["region"].items()}
+        if found.get("handoff"):
+            taken = found["handoff"]
+            entry["handoff"] = {**{key: taken[key] for key in ("from", "trial", "value", "flag", "checkpoint") if key in taken},
+                                **({"params": {name: str(value) for name, value in taken["params"].items()}} if taken.get("params") else {})}
         result.append(entry)
     return result
 

@@ -48,7 +48,8 @@ class Scheduler:
     def __init__(self, executor: Executor, stage: str | None = None):
         self.executor = executor
         self.stage = stage  # the spec.stages entry this scheduler runs; None outside stages
-        self.overrides: dict[str, Any] = {}  # for every run: fixed parameters, warm start's init_from
+        self.overrides: dict[str, Any] = {}  # for every run: fixed parameters, warm start's init_from, a stage's handoff
+        self.template = executor.spec.trial_template  # what its runs start (a stage may run its own trainer)
 
     @property
     def study(self) -> optuna.Study:
@@ -106,7 +107,7 @@ class Scheduler:
     def make_run(self, trial: optuna.Trial, *, values: dict[str, Any], overrides: dict[str, Any] | None = None,
                  attempt: str = "", level: int = 0, description: str = "", announce: bool = True,
                  seed: int | None = None, started: float | None = None) -> Run:
-        launch = build_launch(self.executor.study_name, trial.number, self.executor.spec.trial_template, values,
+        launch = build_launch(self.executor.study_name, trial.number, self.template, values,
                               overrides={**self.overrides, **(overrides or {})}, attempt=attempt, rung=level)
         return Run(self, trial, launch, description, started if started is not None else time.time(),
                    announce=announce, level=level, seed=seed)

@@ -2,9 +2,10 @@
 
 With ``keepBest: N`` every trial's run gets ``--checkpoint_dir=<root>/trial-<n>[/...]``; the
 trainer leaves its final model there as ``last.ckpt`` (the trainer's resume file). When a trial
-ends, the folders of finished trials outside the best N are removed, except those that another
-study's ``warmStart.initFrom`` pinned (study user attr ``checkpoint_pins``). The study's ``kept_checkpoints`` names the
-checkpoints that still exist, by trial. Removal needs the folder on this machine: locally it
+ends, the folders of finished trials outside the best N are removed, except the best of the
+stages a later stage's handoff takes a checkpoint from, and those that another study's
+``warmStart.initFrom`` pinned (study user attr ``checkpoint_pins``). The study's
+``kept_checkpoints`` names the checkpoints that still exist, by trial. Removal needs the folder on this machine: locally it
 is; on a cluster the checkpoints are on a PVC the operator does not mount, so there the operator
 only drops them from ``kept_checkpoints`` and the files stay until the PVC is cleaned.
 """
@@ -26,10 +27,11 @@ CHECKPOINT_FILE = "last.ckpt"  # what speechtune-trainer writes in --checkpoint-
 
 
 class Checkpoints:
-    def __init__(self, executor: Executor, keep_best: int, remove_files: bool):
+    def __init__(self, executor: Executor, keep_best: int, remove_files: bool, handed_on: list[tuple[str, ...]] | None = None):
         self.executor = executor
         self.keep_best = keep_best if executor.checkpoint_root is not None else 0
         self.remove_files = remove_files
+        self.handed_on = handed_on or []  # stage groups whose best checkpoint a later stage's handoff takes: kept too
         self._removed: set[int] = set()
 
     def folder(self, number: int, *parts: str) -> str | None:
@@ -54,6 +56,8 @@ class Checkpoints:
         complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and record.checkpoint(t)),
                           key=lambda t: (sign * t.value, t.number))
         keep = {t.number for t in complete[: self.keep_best]} | pinned
+        for stages in self.handed_on:
+            keep |= {t.number for t in [t for t in complete if record.stage(t) in stages][:1]}
         kept = {**{number: path for number, path in record.kept_checkpoints(study.user_attrs).items() if int(number) in pinned},
                 **{str(t.number): record.checkpoint(t) for t in complete if t.number in keep}}
         if kept != record.kept_checkpoints(study.user_attrs):

@@ -30,6 +30,7 @@ class PlainSearch(Scheduler):
         self.distributions = distributions
         self.max_trials = max_trials  # a callable: outside stages the budget may change while the study runs
         self.checkpoints = checkpoints
+        self.space = executor.spec.search_space  # its conditional structure (a stage's own trainer has its own)
 
     def prepare(self) -> None:
         self.study.sampler = self.sampler
@@ -58,7 +59,7 @@ class PlainSearch(Scheduler):
         return self.run_of(trial)
 
     def ask(self) -> optuna.Trial:
-        trial = search.ask(self.study, self.distributions, self.executor.spec.search_space)
+        trial = search.ask(self.study, self.distributions, self.space)
         trial.set_user_attr(record.LAUNCHED_AT, time.time())
         if self.stage is not None:
             trial.set_user_attr(record.STAGE, self.stage)
@@ -95,6 +96,8 @@ class PlainSearch(Scheduler):
             self.executor.prune(run.trial, f"pruned at step {step}", run.reported[step], run.started, attrs)
         else:
             attrs.update(self.checkpoints.attrs(run.trial.number))
+            if result.params:
+                attrs[record.REPORTED_PARAMS] = result.params
             self.executor.complete(run.trial, result.value, f"{self.executor.objective}={result.value:.4g}", run.started, attrs)
         self.checkpoints.clean(self.executor.trials())
 

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from speechtune import metrics, record, search, spec
 from speechtune.executor import Event
-from speechtune.schedulers import Run, Scheduler, region as regions, warmstart
+from speechtune.schedulers import Run, Scheduler, handoff, region as regions, warmstart
 from speechtune.schedulers.checkpoints import Checkpoints
 from speechtune.schedulers.ladder import Ladder
 from speechtune.schedulers.plain import PlainSearch
@@ -64,10 +64,11 @@ class Baseline(PlainSearch):
 class Validate(Scheduler):
     """The best configuration so far retrained with seeds 1..N; mean and std of the objective."""
 
-    def __init__(self, executor: Executor, *, stage: str | None, seeds: int, overrides_of: Callable[[FrozenTrial], tuple[dict[str, Any], int]]):
+    def __init__(self, executor: Executor, *, stage: str | None, seeds: int,
+                 overrides_of: Callable[[FrozenTrial], tuple[dict[str, Any], int, spec.TrialTemplate]]):
         super().__init__(executor, stage)
         self.seeds = seeds
-        self.overrides_of = overrides_of  # a trial's deciding run's overrides and level (a ladder's top)
+        self.overrides_of = overrides_of  # a trial's deciding run's overrides, level (a ladder's top) and trainer
         self._tried: set[int] = set()
         self._announced = False
 
@@ -87,7 +88,7 @@ class Validate(Scheduler):
             if str(seed) in done or seed in self._tried:
                 continue
             self._tried.add(seed)
-            overrides, level = self.overrides_of(best)
+            overrides, level, self.template = self.overrides_of(best)
             return self.make_run(optuna.Trial(self.study, best._trial_id), values=best.params, overrides={**overrides, "seed": seed},
                                  attempt=f"seed{seed}", level=level, description=f"validation seed {seed}", announce=False, seed=seed)
         result = self.result()
@@ -171,6 +172,8 @@ class Stages(Scheduler):
 
     def next_run(self) -> Run | None:
         while True:
+            if self.executor.failed:  # e.g. a stage's handoff found nothing to hand on: start nothing more
+                return None
             run = self.current.next_run()
             if run is not None or self.current.running():
                 return run
@@ -256,7 +259,8 @@ def build_stages(executor: Executor) -> Scheduler:
     """The scheduler for a spec: its stages (or the implicit one), with warm start applied."""
     study = executor.spec
     distributions = search.distributions(study.search_space)
-    checkpoints = Checkpoints(executor, study.checkpoints.keep_best, executor.checkpoint_files_here)
+    checkpoints = Checkpoints(executor, study.checkpoints.keep_best, executor.checkpoint_files_here,
+                              handed_on=[stage.handoff.stages for stage in study.stages if stage.handoff and stage.handoff.checkpoint_flag])
     source = None
     if study.warm_start is not None:
         stored = executor.study.user_attrs.get(record.WARM_START)
@@ -267,24 +271,32 @@ def build_stages(executor: Executor) -> Scheduler:
     fixed_base = dict(source.fixed) if source else {}
     extra = {"init_from": source.init_from} if source and source.init_from else {}
     fidelity_of: dict[str | None, spec.Fidelity | None] = {None: study.fidelity}
+    by_name = {stage.name: stage for stage in study.stages}
+
+    def transferred(stage: spec.Stage | None) -> dict[str, Any]:
+        """What warm start passes to every run of a stage on the study's trainer (not to a stage's own trainer)."""
+        return {} if stage is not None and stage.template is not None else extra
 
     def searcher(stage: spec.Stage | None, index: int) -> Scheduler:
         name = stage.name if stage else None
+        own = stage is not None and stage.template is not None  # its own trainer and search space
+        space = stage.space(study.search_space) if stage else study.search_space
+        here = search.distributions(space) if own else distributions
         sampler_spec = (stage.sampler if stage else None) or (spec.Sampler("tpe", study.sampler.seed) if stage and stage.kind == "refine" else study.sampler)
         pruner_spec = (stage.pruner if stage else None) or study.pruner
         fidelity = stage.fidelity if stage else study.fidelity
-        fixed = {**fixed_base, **(stage.fixed if stage else {})}
-        area = source.region(distributions, study.warm_start) if source else {}
-        if stage is not None and stage.search_space:
+        fixed = {**({} if own else fixed_base), **(stage.fixed if stage else {})}
+        area = source.region(distributions, study.warm_start) if source and not own else {}
+        if stage is not None and stage.search_space and not own:
             area.update(search.distributions(stage.search_space))
         if stage is not None and stage.kind == "refine":
-            earlier = {s.name for s in study.stages[:index]}
+            earlier = {s.name for s in study.stages[:index] if s.template is None}
             area.update(regions.narrow(distributions, [t.params for t in _top(executor, earlier, stage.top_k)], stage.margin))
-        sampler = search.build_sampler(sampler_spec, study.search_space)
+        sampler = search.build_sampler(sampler_spec, space)
         if area:
             sampler = regions.RegionSampler(sampler, area)
-        held = {key: value for key, value in fixed.items() if key in distributions}
-        _check_fixed(held, distributions, f"spec.stages[{index}].fixed" if stage else "spec.warmStart.fixed")
+        held = {key: value for key, value in fixed.items() if key in here}
+        _check_fixed(held, here, f"spec.stages[{index}].fixed" if stage else "spec.warmStart.fixed")
         if held:
             sampler = _fixed(held, sampler)
         if fidelity is not None:
@@ -293,23 +305,28 @@ def build_stages(executor: Executor) -> Scheduler:
         else:
             budget = (lambda: stage.max_trials) if stage else (lambda: executor.budget.max_trials)
             if sampler_spec.type == "grid":  # the grid sampler would revisit points past its size
-                size = search.grid_size(study.search_space)
+                size = search.grid_size(space)
                 limit = budget
                 budget = lambda: min(limit(), size)  # noqa: E731
             scheduler = PlainSearch(executor, stage=name, sampler=sampler, pruner=search.build_pruner(pruner_spec),
-                                    distributions=distributions, max_trials=budget, checkpoints=checkpoints)
-        scheduler.overrides = {**{k: v for k, v in fixed.items() if k not in distributions}, **extra}
+                                    distributions=here, max_trials=budget, checkpoints=checkpoints)
+            scheduler.space = space
+        scheduler.template = study.template_of(stage)
+        scheduler.overrides = {**{k: v for k, v in fixed.items() if k not in here}, **transferred(stage)}
         if stage is not None and area:
             _remember(executor, stage.name, region=regions.describe(area))
         return scheduler
 
     def validator(stage: spec.Stage | None, seeds: int) -> Scheduler:
-        def overrides_of(best: FrozenTrial) -> tuple[dict[str, Any], int]:
-            fidelity = fidelity_of.get(record.stage(best))
+        def overrides_of(best: FrozenTrial) -> tuple[dict[str, Any], int, spec.TrialTemplate]:
+            name = record.stage(best)
+            decided = by_name.get(name) if name else None
+            base = {**transferred(decided), **handoff.overrides(record.stages(executor.study.user_attrs).get(name, {}).get("handoff", {}))}
+            fidelity = fidelity_of.get(name)
             if fidelity is None:
-                return dict(extra), 0
+                return base, 0, study.template_of(decided)
             top = len(fidelity.levels) - 1
-            return {**extra, **fidelity.levels[top].overrides}, top
+            return {**base, **fidelity.levels[top].overrides}, top, study.template_of(decided)
 
         return Validate(executor, stage=stage.name if stage else None, seeds=seeds, overrides_of=overrides_of)
 
@@ -321,7 +338,7 @@ def build_stages(executor: Executor) -> Scheduler:
     for index, stage in enumerate(study.stages):
         fidelity_of[stage.name] = stage.fidelity
         if stage.kind == "baseline":
-            build = (lambda s: lambda: _baseline(executor, s, distributions, checkpoints, extra))(stage)
+            build = (lambda s: lambda: _baseline(executor, s, distributions, checkpoints, transferred(s)))(stage)
         elif stage.kind == "validate":
             build = (lambda s: lambda: validator(s, s.seeds))(stage)
         else:
@@ -330,13 +347,26 @@ def build_stages(executor: Executor) -> Scheduler:
     first_search = next((step for step in steps if step.stage is None or step.stage.kind in ("search", "refine")), None)
 
     def on_begin(step: _Step) -> None:
-        """A stage's start: recorded and posted once; warm start's topK queued into the first search."""
-        fresh = "state" not in record.stages(executor.study.user_attrs).get(step.name, {}) if step.stage else not executor.trials()
-        if not fresh:
-            return
-        if step.stage is not None:
+        """A stage's start: recorded and posted once; its handoff taken (once, then as recorded); warm
+        start's topK queued into the first search."""
+        found = record.stages(executor.study.user_attrs).get(step.name, {}) if step.stage else {}
+        fresh = "state" not in found if step.stage else not executor.trials()
+        if fresh and step.stage is not None:
             _remember(executor, step.name, state="Running", kind=step.stage.kind, startedAt=time.time())
             executor.notify(Event("stage-started", None, announcement("stage-started", step.stage, {}, executor.objective)))
+        if step.stage is not None and step.stage.handoff is not None:
+            taken = found.get("handoff")
+            if taken is None:
+                try:
+                    taken = handoff.take(executor, step.stage, study.stages.index(step.stage), _top(executor, step.stage.handoff.stages, 1))
+                except handoff.HandoffError as exc:
+                    executor.fail_study(str(exc))
+                    return
+                _remember(executor, step.name, handoff=taken)
+                executor.notify(Event("handoff", taken["trial"], handoff.describe(step.name, taken)))
+            step.scheduler.overrides.update(handoff.overrides(taken))
+        if not fresh:
+            return
         if source is not None and step is first_search:
             if study.warm_start.init_from:
                 warmstart.pin(study.warm_start, executor.storage, executor.warm_start_url, executor.study_name, source.best_number)
@@ -361,9 +391,12 @@ def build_stages(executor: Executor) -> Scheduler:
 
 def _baseline(executor: Executor, stage: spec.Stage, distributions: dict[str, BaseDistribution], checkpoints: Checkpoints,
               extra: dict[str, Any]) -> Scheduler:
+    if stage.template is not None:  # its own trainer: its params are of its own search space
+        distributions = search.distributions(stage.search_space)
     _check_fixed({k: v for k, v in stage.params.items() if k in distributions}, distributions, f"spec.stages[{stage.name}].params")
     scheduler = Baseline(executor, stage=stage.name, params=stage.params, seeds=stage.seeds, distributions=distributions,
                          checkpoints=checkpoints)
+    scheduler.template = executor.spec.template_of(stage)
     scheduler.overrides.update(extra)
     return scheduler
 
@@ -375,7 +408,7 @@ def _fixed(values: dict[str, Any], base: optuna.samplers.BaseSampler) -> optuna.
         return optuna.samplers.PartialFixedSampler(values, base)
 
 
-def _top(executor: Executor, stages: set[str], k: int) -> list[FrozenTrial]:
+def _top(executor: Executor, stages: set[str] | tuple[str, ...], k: int) -> list[FrozenTrial]:
     sign = -1 if executor.spec.objective.direction == "maximize" else 1
     complete = [t for t in executor.trials((TrialState.COMPLETE,)) if record.stage(t) in stages and math.isfinite(t.value)]
     return sorted(complete, key=lambda t: (sign * t.value, t.number))[:k]
