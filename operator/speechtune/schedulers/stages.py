@@ -363,7 +363,7 @@ def build_stages(executor: Executor) -> Scheduler:
                     executor.fail_study(str(exc))
                     return
                 _remember(executor, step.name, handoff=taken)
-                executor.notify(Event("handoff", taken["trial"], handoff.describe(step.name, taken)))
+                executor.notify(Event("handoff", None, handoff.describe(step.name, taken)))
             step.scheduler.overrides.update(handoff.overrides(taken))
         if not fresh:
             return
