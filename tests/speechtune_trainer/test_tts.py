@@ -222,3 +222,40 @@ def test_checkpoints_that_are_missing_unreadable_or_incompatible_are_named(corpu
     for argv, message in cases:
         code, lines, err = run(argv[0], "--data", str(corpus), *argv[1:])
         assert (code, lines) == (2, []) and message in err, (argv, err[-2000:])
+
+
+def test_a_two_stage_study_hands_the_best_fastpitch_to_every_vocoder_run(corpus, asr_checkpoint, tmp_path):
+    """Issue 15's staged study in miniature, through the engine and the real trainers: two FastPitch
+    trials, then a HiFi-GAN stage whose runs load the better one; each vocoder log names the model it loaded."""
+    import asyncio
+
+    from speechtune import record, spec
+    from speechtune.executor import Executor
+    from speechtune.local import LocalProcessBackend
+    from speechtune.storage import WriteThroughStorage, open_rdb
+
+    trainer = str(Path(sys.executable).parent / "speechtune-trainer")
+    shared = ["--data", str(corpus), "--asr-checkpoint", str(asr_checkpoint)]
+    manifest = {"metadata": {"name": "tts"}, "spec": {
+        "objective": {"metric": "asr_cer", "direction": "minimize"}, "parallelism": 1, "maxFailedTrials": 0,
+        "searchSpace": [{"name": "lr", "categorical": [1e-3, 1e-2]}],
+        "stages": [
+            {"name": "acoustic", "kind": "search", "maxTrials": 2, "sampler": {"type": "grid"}},
+            {"name": "vocoder", "kind": "baseline", "trialTemplate": {"command": [trainer, "tts-vocoder"], "args": [*shared, *VOCODER]},
+             "handoff": {"from": ["acoustic"], "checkpointFlag": "acoustic_checkpoint"}},
+        ],
+        "checkpoints": {"keepBest": 1},
+        "trialTemplate": {"command": [trainer, "tts-acoustic"], "args": [*shared, *ACOUSTIC]},
+        "storage": {"url": f"sqlite:///{tmp_path}/tts.db"}}}
+    engine = Executor(spec.parse_study(manifest), WriteThroughStorage(open_rdb(manifest["spec"]["storage"]["url"])),
+                      LocalProcessBackend(tmp_path / "logs"), checkpoint_root=tmp_path / "checkpoints")
+    outcome = asyncio.run(engine.run())
+    assert outcome.state == "Succeeded", outcome.message
+    trials = engine.study.trials
+    acoustic = min((t for t in trials if record.stage(t) == "acoustic"), key=lambda t: (t.value, t.number))
+    handed = record.stages(engine.study.user_attrs)["vocoder"]["handoff"]
+    assert handed["trial"] == acoustic.number and handed["checkpoint"] == str(tmp_path / "checkpoints" / f"trial-{acoustic.number}" / "last.ckpt")
+    vocoder = next(t for t in trials if record.stage(t) == "vocoder")
+    log = (tmp_path / "logs" / f"trial-{vocoder.number}.log").read_text()
+    assert f"tts-vocoder: frozen acoustic model {handed['checkpoint']}" in log, log[-2000:]
+    assert "asr_cer" in vocoder.user_attrs[record.METRICS]

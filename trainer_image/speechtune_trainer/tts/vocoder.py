@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,8 @@ def teacher_forced_mels(acoustic, setting: Run) -> dict[str, Path]:
 def build(setting: Run):
     args, stats = setting.args, setting.stats
     acoustic = load_acoustic(args.acoustic_checkpoint, stats) if args.acoustic_checkpoint else None
+    if acoustic is not None:  # which model it learned from, in its log: a staged study's handoff can be checked
+        print(f"tts-vocoder: frozen acoustic model {args.acoustic_checkpoint}", file=sys.stderr)
     manifests = teacher_forced_mels(acoustic, setting) if acoustic is not None else setting.manifests
     cfg = config.vocoder_config(args, stats, manifests, setting.max_steps, setting.num_workers, precomputed=acoustic is not None)
     model = HifiGan(cfg=OmegaConf.create(cfg), trainer=setting.trainer)
