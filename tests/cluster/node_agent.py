@@ -427,7 +427,25 @@ class PodRunner(threading.Thread):
             raise ContainerConfigError(
                 f"container {spec['name']!r} has no command: the node agent cannot run image "
                 f"{spec.get('image')!r}'s entrypoint, so the pod spec must set command")
-        return [expand(a, env) for a in spec["command"] + (spec.get("args") or [])], env
+        argv = [expand(a, env) for a in spec["command"] + (spec.get("args") or [])]
+        mounts = self.claim_mounts(spec)
+        return [rewrite_paths(a, mounts) for a in argv], {k: rewrite_paths(v, mounts) for k, v in env.items()}
+
+    def claim_mounts(self, spec: dict) -> list[tuple[str, Path]]:
+        """(mountPath, host directory) of each of the container's volumeMounts of a persistentVolumeClaim volume.
+
+        A kubelet mounts the claim's volume; a local process cannot be given a mount of its own, so the agent
+        translates paths instead (``rewrite_paths``). Other volume kinds are not mounted."""
+        volumes = {v["name"]: v for v in self.pod["spec"].get("volumes") or []}
+        mounts = []
+        for mount in spec.get("volumeMounts") or []:
+            claim = (volumes.get(mount["name"]) or {}).get("persistentVolumeClaim")
+            if claim:
+                host = self.agent.claim_dir(self.pod["metadata"]["namespace"], claim["claimName"])
+                host = host / mount["subPath"] if mount.get("subPath") else host
+                host.mkdir(parents=True, exist_ok=True)
+                mounts.append((mount["mountPath"].rstrip("/") or "/", host))
+        return sorted(mounts, key=lambda m: -len(m[0]))
 
     def loopback_rendezvous(self, env: dict[str, str]) -> None:
         """What a pod with a subdomain (a headless Service: an Indexed Job's rendezvous) gets from cluster DNS and
@@ -480,6 +498,17 @@ class PodRunner(threading.Thread):
         raise ContainerConfigError(f"unsupported valueFrom {sorted(source)}")
 
 
+def rewrite_paths(text: str, mounts: list[tuple[str, Path]]) -> str:
+    """``text`` with each mount path that starts a path in it (the whole text, or after ``=``, ``:``, ``,``, a quote or
+    a space, as in ``--checkpoint_dir=/checkpoints/x``, a PATH-like list or a JSON string) replaced by its host
+    directory."""
+    if not mounts:
+        return text
+    hosts = dict(mounts)
+    paths = "|".join(re.escape(path) for path in hosts)  # longest first: a nested mount shadows its parent
+    return re.sub(rf"(^|[=:,\"'\s])({paths})(?=$|[/:,\"'\s])", lambda m: m[1] + str(hosts[m[2]]), text)
+
+
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes $(VAR) expansion: defined variables are substituted, $$ escapes."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
@@ -506,6 +535,20 @@ class NodeAgent:
         self.lock = threading.RLock()  # re-entered by the SIGTERM handler on the main thread
         self.stopping = threading.Event()
         self.rendezvous_ports: dict[tuple[str, str], int] = {}  # (namespace, subdomain) -> its loopback port
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The host directory behind a PersistentVolumeClaim: its bound PV's ``hostPath.path`` or ``local.path``
+        (so every agent on this machine, and the test that made the PV, sees the same files), else
+        ``<state dir>/volumes/<namespace>/<claim>``. An unbound claim cannot be mounted yet."""
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace, _request_timeout=REQUEST_TIMEOUT)
+            if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+                raise ContainerConfigError(f"persistentvolumeclaim {claim!r} is not bound (phase {pvc.status.phase})")
+            pv = self.core.read_persistent_volume(pvc.spec.volume_name, _request_timeout=REQUEST_TIMEOUT).spec
+        except ApiException as e:
+            raise ContainerConfigError(f"persistentvolumeclaim {claim!r}: {e.reason}") from e
+        source = pv.host_path or pv.local
+        return Path(source.path) if source else self.state_dir / "volumes" / namespace / claim
 
     def rendezvous_port(self, key: tuple[str, str]) -> int:
         """A free loopback port for the pods of one subdomain, the same for each of them while any of them is here."""

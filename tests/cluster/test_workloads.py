@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.speechtune.k8s.helpers import bound_claim
+
 pytestmark = pytest.mark.cluster
 
 
@@ -183,3 +185,31 @@ def test_an_indexed_jobs_pods_meet_on_loopback_with_their_jobs_own_port(kube_clu
     assert [seen["pair", i]["HOSTNAME"] for i in (0, 1)] == ["pair-0", "pair-1"]
     assert seen["pair", 0]["MASTER_PORT"] == seen["pair", 1]["MASTER_PORT"] != "29500"
     assert seen["other", 0]["MASTER_PORT"] == seen["other", 1]["MASTER_PORT"] != seen["pair", 0]["MASTER_PORT"]
+
+
+def test_pods_sharing_a_claim_see_each_others_files(kube_cluster, kube_namespace, tmp_path):
+    """A persistentVolumeClaim volume: the agent maps its mountPath to the bound PV's hostPath directory in the
+    container's args and env (docs/cluster.md), so pods of one claim share files, as on a real volume."""
+    host = tmp_path / "shared-claim"
+    code = ("import os, sys\n"
+            "mine, theirs = sys.argv[1], sys.argv[2]\n"
+            "os.makedirs(os.path.dirname(mine), exist_ok=True)\n"
+            "open(mine, 'w').write(os.environ['HOSTNAME'])\n"
+            "print(open(theirs).read() if os.path.exists(theirs) else '-', os.environ['DATA'], flush=True)")
+
+    def pod(name: str, other: str) -> dict:
+        container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", code],
+                     "args": [f"/data/{name}/note", f"/data/{other}/note"], "env": [{"name": "DATA", "value": "/data"}],
+                     "volumeMounts": [{"name": "shared", "mountPath": "/data"}]}
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"restartPolicy": "Never", "containers": [container],
+                         "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": "shared"}}]}}
+
+    with bound_claim(kube_cluster, kube_namespace, "shared", host):
+        outputs = {}
+        for name, other in (("writer", "reader"), ("reader", "writer")):  # one after the other
+            kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(pod(name, other)))
+            wait_for_phase(kube_cluster, kube_namespace, name, "Succeeded")
+            outputs[name] = kube_cluster.kubectl("logs", name, "-n", kube_namespace).stdout.split()
+    assert outputs == {"writer": ["-", str(host)], "reader": ["writer", str(host)]}
+    assert {path.parent.name: path.read_text() for path in host.glob("*/note")} == {"writer": "writer", "reader": "reader"}

@@ -143,3 +143,28 @@ def survive_kills(cluster, namespace: str, study: str, storage_url: str, log_pat
         delete_studies(cluster, namespace)
         stop_operator(operator)
     return status, jobs
+
+
+@contextlib.contextmanager
+def bound_claim(cluster, namespace: str, name: str, host_dir: Path):
+    """A PersistentVolumeClaim ``name`` bound to a hostPath PV on ``host_dir``, statically (storageClassName "",
+    the PV's claimRef and the claim's volumeName name each other; the controller-manager's PV controller marks
+    both Bound, which the scheduler's VolumeBinding plugin requires; the node agent gives pods the claim by
+    rewriting its mount path, tests/cluster/node_agent.py). Yields the PV's name; deletes the PV on exit (the
+    claim goes with its namespace)."""
+    volume = f"{namespace}-{name}"[:63].rstrip("-")
+    size = {"storage": "1Gi"}
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+          "spec": {"capacity": size, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                   "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(host_dir), "type": "DirectoryOrCreate"},
+                   "claimRef": {"namespace": namespace, "name": name}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": namespace},
+           "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                    "resources": {"requests": size}}}
+    host_dir.mkdir(parents=True, exist_ok=True)
+    cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]}))
+    try:
+        cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Bound", f"pvc/{name}", "-n", namespace, "--timeout=60s")
+        yield volume
+    finally:
+        cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)

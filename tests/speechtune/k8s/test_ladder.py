@@ -1,7 +1,7 @@
 """The fidelity ladder on the test cluster: each level of a configuration is a new Job, promotions are
 Events, the proxy's rank correlation reaches the study's status, and a rank-reversed proxy raises
-ProxyUnreliable. The node agent mounts no volumes, so these studies run without checkpointVolume
-(test_manifests.py checks the mount and the trainer's --checkpoint_dir)."""
+ProxyUnreliable. These studies run without checkpointVolume (test_manifests.py checks the mount and the
+trainer's --checkpoint_dir)."""
 
 from __future__ import annotations
 
