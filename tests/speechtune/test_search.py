@@ -176,8 +176,8 @@ def trainer_problems(argv) -> list[str]:
 @pytest.mark.parametrize("flat", [False, True], ids=["conditional", "flat"])
 def test_every_nas_blackbox_trial_passes_the_trainers_flag_check_only_with_the_conditions(tmp_path, flat):
     """examples/nas-blackbox.yaml, 60 trials sampled through the engine (the trainer itself not run): every command
-    line passes the real trainer's flag check. The same space without its conditions sends --ctc_weight to ctc and
-    transducer trials, which the trainer refuses."""
+    line passes the real trainer's flag check. The same space without its conditions sends --ctc_weight and
+    --decoder_layers to trials of other decoders, which the trainer refuses."""
     document = yaml.safe_load((EXAMPLES / "nas-blackbox.yaml").read_text())
     document["spec"].update(maxTrials=60, storage={"url": f"sqlite:///{tmp_path}/nas.db"})
     if flat:
@@ -187,7 +187,9 @@ def test_every_nas_blackbox_trial_passes_the_trainers_flag_check_only_with_the_c
     refused = {launch.number: trainer_problems(launch.argv) for launch in backend.launches}
     refused = {number: found for number, found in refused.items() if found}
     if flat:
-        assert refused and all("--ctc-weight only applies to --decoder hybrid" in " ".join(found) for found in refused.values())
+        assert refused and all(problem.startswith(("--ctc-weight only applies to --decoder hybrid",
+                                                   "--decoder-layers only applies to --decoder attention"))
+                               for found in refused.values() for problem in found), refused
     else:
         assert not refused, refused
 

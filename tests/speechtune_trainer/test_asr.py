@@ -21,13 +21,6 @@ pytestmark = pytest.mark.trainer
 TINY = ["--accelerator", "cpu", "--threads", "1", "--num-layers", "1", "--d-model", "64", "--n-mels", "40"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    assert cli.main(["make-data", "--out", str(out), "--hours", "0.03", "--seed", "1", "--workers", "2"]) == 0
-    return out
-
-
 def protocol_lines(stdout: str) -> list:
     return [parsed for parsed in map(parse_line, stdout.splitlines()) if parsed is not None]
 
@@ -48,7 +41,7 @@ def test_each_encoder_and_decoder_trains_one_step(digits, capsys, encoder, decod
         "--epochs", "1", "--train-hours", "0.004", "--batch-size", "64",
     )
     assert [line.step for line in lines if not line.final] == [1]
-    assert lines[-1].final and lines[-1].metrics["wer"] >= 0
+    assert lines[-1].final and lines[-1].metrics["wer"] >= 0 and lines[-1].metrics["cer"] >= 0
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The `speechtune-trainer` command: `make-data`, `asr`, and `tts-acoustic`/`tts-vocoder` (tts/commands.py).
+"""The `speechtune-trainer` command: `make-data`, `asr`, `nas-darts` (darts.py), and `tts-acoustic`/`tts-vocoder` (tts/commands.py).
 
 The tuning engine appends sampled parameters as `--<param>=<value>` with underscores
 (`--n_mels=64`) after the template's own args, so every flag is also accepted with
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from speechtune.protocol import worker_mode
-from speechtune_trainer import config
+from speechtune_trainer import config, darts
 from speechtune_trainer.tts import commands as tts_commands
 
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     asr = commands.add_parser("asr", help="train one NeMo ASR model and print protocol lines")
     config.add_arguments(asr)
+    darts.add_arguments(commands.add_parser(darts.COMMAND, help=darts.HELP))
     tts_commands.register(commands)
     return parser
 
@@ -68,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in tts_commands.COMMANDS:
         return tts_commands.run(args)
+    if args.command == darts.COMMAND:
+        problems = darts.problems(args)
+        if problems:
+            print(f"speechtune-trainer {darts.COMMAND}: error: " + "\n  ".join(["invalid flags:", *problems]), file=sys.stderr)
+            return 2
+        from speechtune_trainer.darts_search import search
+
+        return search(args)
     problems = config.problems(args)
     if problems:
         print("speechtune-trainer asr: error: " + "\n  ".join(["invalid flags:", *problems]), file=sys.stderr)

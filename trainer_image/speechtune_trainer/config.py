@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from speechtune.protocol import worker_mode
+from speechtune_trainer import blocks
 
 ENCODERS = ("conformer", "transformer", "lstm", "gru")
-DECODERS = ("ctc", "transducer", "hybrid")
+DECODERS = ("ctc", "transducer", "hybrid", "attention")
 SKIP_CONNECTIONS = ("none", "residual", "long")  # encoders.connect
 RESIDUAL_ENCODERS = ("conformer", "transformer")  # whose blocks have residual branches to scale
 SCHEDULES = ("noam", "warmup-cosine", "warmup-exponential", "plateau")
@@ -25,6 +26,9 @@ LABELS_FILE = "labels.json"  # make-data's character set, the default vocabulary
 INIT_SUFFIXES = (".ckpt", ".nemo")
 SUBSAMPLING_FACTOR = 4
 DEFAULT_CTC_WEIGHT = 0.3
+# --decoder attention (attention.py): its flags' defaults; the decoder is as wide as the encoder (--d-model).
+ATTENTION_DEFAULTS = {"decoder_layers": 2, "decoder_heads": 4, "beam_size": 1}
+MAX_GENERATION_DELTA = 50  # decoded tokens beyond the encoder's frames, at most (NeMo's AED default)
 FINAL_LR_RATIO = 0.01  # cosine and exponential decay to lr * FINAL_LR_RATIO at the last step
 DEFAULT_BATCH_SIZE = 16
 WORLD_SIZE_ENV = "WORLD_SIZE"  # set by the operator on every pod of an N-pod trial: N (docs/trainer.md)
@@ -58,10 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-connections", choices=SKIP_CONNECTIONS, default="none",
         help="across the encoder's blocks: residual adds each block's input to its output; long adds the first block's input to the last's output",
     )
+    arch.add_argument(
+        "--conformer-blocks", default=None,
+        help="conformer only: one block per layer, comma-separated, e.g. k15-ff4-att,k7-ff2-noatt,skip "
+        "(kernel, feed-forward expansion, self-attention or not; skip drops the layer), instead of --conv-kernel-size; "
+        "what nas-darts derives",
+    )
     decoder = parser.add_argument_group("decoder")
     decoder.add_argument("--decoder", choices=DECODERS, default="ctc")
     decoder.add_argument(
         "--ctc-weight", type=float, default=None, help=f"hybrid only: the CTC share of the loss (default {DEFAULT_CTC_WEIGHT})"
+    )
+    decoder.add_argument(
+        "--decoder-layers", type=int, default=None,
+        help=f"attention only: transformer decoder blocks (default {ATTENTION_DEFAULTS['decoder_layers']})",
+    )
+    decoder.add_argument(
+        "--decoder-heads", type=int, default=None,
+        help=f"attention only: heads of each decoder block; must divide --d-model (default {ATTENTION_DEFAULTS['decoder_heads']})",
+    )
+    decoder.add_argument(
+        "--beam-size", type=int, default=None,
+        help=f"attention only: 1 decodes greedily, more runs NeMo's beam search (default {ATTENTION_DEFAULTS['beam_size']})",
     )
     aug = parser.add_argument_group("SpecAugment")
     aug.add_argument("--freq-masks", type=int, default=2)
@@ -216,6 +238,7 @@ def problems(args: argparse.Namespace) -> list[str]:
             )
         elif not 0 < args.residual_scale < math.inf:
             found.append(f"--residual-scale must be positive and finite, got {args.residual_scale}")
+    found.extend(conformer_blocks_problems(args))
     if args.encoder in ("lstm", "gru") and args.d_model % 2:
         found.append(f"--encoder {args.encoder} is bidirectional, so --d-model must be even, got {args.d_model}")
 
@@ -224,6 +247,7 @@ def problems(args: argparse.Namespace) -> list[str]:
             found.append(f"--ctc-weight only applies to --decoder hybrid, not --decoder {args.decoder}")
         elif not 0 <= args.ctc_weight <= 1:
             found.append(f"--ctc-weight is a share of the loss, in [0, 1]; got {args.ctc_weight}")
+    found.extend(attention_problems(args))
     if args.batch_size is not None and args.global_batch_size is not None:
         found.append(
             f"--batch-size ({args.batch_size}, per process) and --global-batch-size ({args.global_batch_size}, "
@@ -252,6 +276,26 @@ def problems(args: argparse.Namespace) -> list[str]:
     if not absent:
         found.extend(label_problems(args))
     return found
+
+
+def attention_problems(args: argparse.Namespace) -> list[str]:
+    """--decoder-layers, --decoder-heads, --beam-size: only with --decoder attention, positive, heads dividing --d-model."""
+    given = [flag for flag in ATTENTION_DEFAULTS if getattr(args, flag) is not None]
+    if args.decoder != "attention":
+        return [f"--{flag.replace('_', '-')} only applies to --decoder attention, not --decoder {args.decoder}" for flag in given]
+    found = [
+        f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}" for flag in given if getattr(args, flag) < 1
+    ]
+    heads = attention_setting(args, "decoder_heads")
+    if not found and args.d_model % heads:
+        found.append(f"--d-model ({args.d_model}), the decoder's width, is not divisible by --decoder-heads ({heads})")
+    return found
+
+
+def attention_setting(args: argparse.Namespace, flag: str) -> int:
+    """An attention decoder flag's value, else its default."""
+    value = getattr(args, flag)
+    return ATTENTION_DEFAULTS[flag] if value is None else value
 
 
 def _positive_int(text: str) -> bool:
@@ -317,9 +361,30 @@ def batch_size(args: argparse.Namespace, processes: int) -> int:
     return args.batch_size or DEFAULT_BATCH_SIZE
 
 
+def conformer_blocks_problems(args: argparse.Namespace) -> list[str]:
+    """--conformer-blocks: only for the conformer, parseable, one block per --num-layers."""
+    if args.conformer_blocks is None:
+        return []
+    if args.encoder != "conformer":
+        return [f"--conformer-blocks only applies to --encoder conformer, not --encoder {args.encoder}"]
+    try:
+        specs = blocks.parse_list(args.conformer_blocks)
+    except ValueError as error:
+        return [f"--conformer-blocks {args.conformer_blocks!r}: {error}"]
+    if len(specs) != args.num_layers:
+        return [
+            f"--conformer-blocks gives {len(specs)} blocks but --num-layers is {args.num_layers}; "
+            "give one block per layer (skip for a dropped layer)"
+        ]
+    return []
+
+
 def connection_config(args: argparse.Namespace) -> dict:
-    """The encoder arguments of --residual-scale and --skip-connections; none at their defaults (NeMo's own encoder)."""
+    """The encoder arguments of --residual-scale, --skip-connections and --conformer-blocks; none at their
+    defaults (NeMo's own encoder)."""
     options = {}
+    if args.conformer_blocks is not None:
+        options["blocks"] = [str(block) for block in blocks.parse_list(args.conformer_blocks)]
     if args.residual_scale is not None:
         options["residual_scale"] = args.residual_scale
     if args.skip_connections != "none":
@@ -420,6 +485,36 @@ def lr_for_optimizer(args: argparse.Namespace) -> float:
     return args.lr
 
 
+def attention_config(args: argparse.Namespace, vocabulary: list[str]) -> dict:
+    """The sections NeMo's EncDecTransfModelBPE reads besides the encoder's (attention.AttentionModel builds it)."""
+    return {
+        "tokenizer": {"labels": vocabulary},  # attention.LabelTokenizer: NeMo's CharTokenizer over the labels
+        "transf_encoder": {"num_layers": 0},  # no transformer layers between the encoder and the decoder
+        "transf_decoder": {
+            "library": "nemo",
+            "hidden_size": args.d_model,  # as wide as the encoder's output, so NeMo adds no adapter
+            "inner_size": 4 * args.d_model,
+            "num_layers": attention_setting(args, "decoder_layers"),
+            "num_attention_heads": attention_setting(args, "decoder_heads"),
+            "max_sequence_length": 512,
+            "embedding_dropout": args.dropout,
+            "ffn_dropout": args.dropout,
+            "attn_score_dropout": args.dropout,
+            "attn_layer_dropout": args.dropout,
+            "hidden_act": "relu",
+            "pre_ln": True,
+            "pre_ln_final_layer_norm": True,
+        },
+        "head": {"num_layers": 1, "activation": "relu", "log_softmax": True, "dropout": 0.0, "use_transformer_init": True},
+        "beam_search": {
+            "beam_size": attention_setting(args, "beam_size"),
+            "len_pen": 0.0,
+            "max_generation_delta": MAX_GENERATION_DELTA,
+        },
+        "label_smoothing": 0.0,
+    }
+
+
 def model_config(
     args: argparse.Namespace, train_manifest: Path, dev_manifest: Path, max_steps: int, num_workers: int, processes: int = 1
 ) -> dict:
@@ -480,6 +575,9 @@ def model_config(
     }
     if args.decoder == "ctc":
         cfg["decoder"] = ctc_decoder
+        return cfg
+    if args.decoder == "attention":
+        cfg.update(attention_config(args, vocabulary))
         return cfg
     # Transducer parts, sized from the encoder width (NeMo reads them from model_defaults).
     cfg["model_defaults"] = {"enc_hidden": args.d_model, "pred_hidden": args.d_model, "joint_hidden": args.d_model}

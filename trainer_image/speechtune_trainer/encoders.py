@@ -8,6 +8,9 @@
 - connections (`--residual-scale`, `--skip-connections`): ConformerEncoder and LSTMEncoder are
   NeMo's encoders plus those two options; the skips are forward hooks, so the parameters and
   their names are NeMo's.
+- blocks (`--conformer-blocks`): ConformerEncoder with each layer rebuilt as NeMo's ConformerLayer of its own
+  kernel and feed-forward width, its self-attention replaced by nothing (`noatt`), or dropped (`skip`);
+  nas-darts' supernet (darts_search.py) mixes the same blocks.
 
 NeMo only instantiates `_target_`s under approved prefixes; `register` adds this module.
 """
@@ -18,7 +21,9 @@ import torch
 from torch import nn
 
 from nemo.collections.asr import modules as nemo_modules
+from nemo.collections.asr.parts.submodules.conformer_modules import ConformerLayer
 from nemo.core.classes import common
+from speechtune_trainer import blocks as block_specs
 
 TARGET_PREFIX = f"{__name__}."
 
@@ -63,16 +68,55 @@ class _SkipOut:
         return output + skipped
 
 
+class _NoAttention(nn.Module):
+    """Stands in for a Conformer layer's self-attention module: adds nothing to the residual."""
+
+    def forward(self, query: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(query)
+
+
+def conformer_block(block: block_specs.Block, template: ConformerLayer) -> ConformerLayer:
+    """A NeMo ConformerLayer shaped as `block` (kernel, feed-forward expansion, attention or not), with the
+    width, heads, dropouts and shared relative-position biases of `template`, a layer of the same encoder."""
+    attention = template.self_attn
+    d_model = template.norm_out.normalized_shape[0]
+    layer = ConformerLayer(
+        d_model=d_model,
+        d_ff=d_model * block.expansion,
+        self_attention_model=template.self_attention_model,
+        n_heads=template.n_heads,
+        conv_kernel_size=block.kernel,
+        dropout=template.dropout.p,
+        dropout_att=attention.dropout.p,
+        pos_bias_u=getattr(attention, "pos_bias_u", None),
+        pos_bias_v=getattr(attention, "pos_bias_v", None),
+    )
+    if not block.attention:
+        layer.norm_self_att = nn.Identity()
+        layer.self_attn = _NoAttention()
+    return layer
+
+
 class ConformerEncoder(nemo_modules.ConformerEncoder):
     """NeMo's ConformerEncoder with `residual_scale` (the weight of each layer's two feed-forward
-    residual branches, NeMo's fixed half step `fc_factor` 0.5) and `skip_connections` (see connect)."""
+    residual branches, NeMo's fixed half step `fc_factor` 0.5), `skip_connections` (see connect) and
+    `blocks` (`--conformer-blocks`: one block spec per layer, see blocks.py; `skip` positions are dropped)."""
 
-    def __init__(self, residual_scale: float | None = None, skip_connections: str = "none", **kwargs):
+    def __init__(
+        self, residual_scale: float | None = None, skip_connections: str = "none", blocks: list[str] | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
+        if blocks is not None:
+            template = self.layers[0]  # NeMo's: the encoder's width, heads, dropouts and shared position biases
+            kept = [conformer_block(block, template) for block in map(block_specs.parse, blocks) if not block.skip]
+            self.layers = nn.ModuleList(kept)
+            self.n_layers = len(kept)
+            self.layer_drop_probs = self.layer_drop_probs[: len(kept)]
         if residual_scale is not None:
             for layer in self.layers:
                 layer.fc_factor = residual_scale
-        connect(self, list(self.layers), list(self.layers), skip_connections)
+        if len(self.layers):  # --conformer-blocks may skip every position: nothing to connect across
+            connect(self, list(self.layers), list(self.layers), skip_connections)
 
 
 class LSTMEncoder(nemo_modules.RNNEncoder):

@@ -1,5 +1,5 @@
 """Per-epoch protocol lines: WER from NeMo's validation, CER from the same decoded hypotheses, NeMo's validation
-loss (val_loss: the CTC or RNN-T loss on the dev set, which moves before WER does), epoch time
+loss (val_loss: the CTC, RNN-T or attention decoder's cross-entropy loss on the dev set, which moves before WER does), epoch time
 (and the peak GPU memory on CUDA).
 
 NeMo's models compute WER only; decoding the dev set a second time for CER would double

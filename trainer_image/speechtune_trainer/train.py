@@ -87,6 +87,7 @@ def train(args: argparse.Namespace, own_command_line: bool = True) -> int:
     from nemo.collections.asr.models import EncDecCTCModel, EncDecHybridRNNTCTCModel, EncDecRNNTModel
     from nemo.utils import logging as nemo_logging
     from speechtune_trainer import encoders, schedules, transfer
+    from speechtune_trainer.attention import AttentionModel
     from speechtune_trainer.reporting import ErrorCounter, ProtocolReporter
 
     nemo_logging.setLevel(nemo_logging.WARNING)
@@ -166,7 +167,9 @@ def train(args: argparse.Namespace, own_command_line: bool = True) -> int:
             num_sanity_val_steps=0,
             callbacks=callbacks,
         )
-        model_class = {"ctc": EncDecCTCModel, "transducer": EncDecRNNTModel, "hybrid": EncDecHybridRNNTCTCModel}
+        model_class = {
+            "ctc": EncDecCTCModel, "transducer": EncDecRNNTModel, "hybrid": EncDecHybridRNNTCTCModel, "attention": AttentionModel
+        }
         model = model_class[args.decoder](cfg=cfg, trainer=trainer)
         checkpoint = args.checkpoint_dir / CHECKPOINT if args.checkpoint_dir else None
         resuming = checkpoint is not None and checkpoint.exists()

@@ -27,6 +27,8 @@ VOCABULARY_ROWS = re.compile(r"(ctc_decoder|decoder)\.decoder_layers\.0\.|joint\
 ALIASES = ((re.compile(r"^joint\.joint_net\.\d+\."), "joint.joint_net.out."), (re.compile(r"^ctc_decoder\."), "decoder."))
 # Built from this run's flags (sample rate, window, mels), so never taken from the source.
 DERIVED = "preprocessor."
+# The transformer decoder of --decoder attention (attention.py).
+ATTENTION_DECODER = "transf_decoder."
 
 
 class IncompatibleCheckpoint(Exception):
@@ -132,9 +134,29 @@ def transfer(
     return result
 
 
+def decoder_kind(state: dict[str, torch.Tensor]) -> str:
+    return "attention" if any(name.startswith(ATTENTION_DECODER) for name in state) else "ctc, transducer or hybrid"
+
+
+def attention_problem(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], same_labels: bool) -> str | None:
+    """Why an attention decoder cannot start from `source`: it and the other decoders share only the encoder (too
+    little to count as a head start), and its token rows (special tokens first) are not mapped by character."""
+    if decoder_kind(target) != decoder_kind(source):
+        return (
+            f"its decoder is {decoder_kind(source)}, this run's is {decoder_kind(target)}: the two share only the "
+            "encoder; start --decoder attention from an attention model, the others from one of theirs"
+        )
+    if decoder_kind(target) == "attention" and not same_labels:
+        return "an attention model with other labels: its token rows are not mapped by character; give the same --labels"
+    return None
+
+
 def init_from(model: torch.nn.Module, path: Path, labels: list[str]) -> str:
     """Load what fits of the checkpoint at `path` into `model`; return the one-line summary."""
     source, from_labels = read_checkpoint(path)
+    problem = attention_problem(model.state_dict(), source, from_labels is None or from_labels == labels)
+    if problem:
+        raise IncompatibleCheckpoint(problem)
     result = transfer(model.state_dict(), source, from_labels, labels)
     model.load_state_dict(result.state)
     return result.summary(path, labels)

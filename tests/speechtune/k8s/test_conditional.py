@@ -25,6 +25,8 @@ def applies(params: dict) -> set[str]:
         expected.add("conv_kernel_size")
     if params["decoder"] == "hybrid":
         expected.add("ctc_weight")
+    if params["decoder"] == "attention":
+        expected.add("decoder_layers")
     return expected
 
 
