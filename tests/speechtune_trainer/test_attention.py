@@ -6,14 +6,13 @@ config.ENCODERS x config.DECODERS). Runs are in-process on test_asr.py's tiny di
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 from kaldialign import edit_distance
 
 from speechtune_trainer import cli, config
 from tests.speechtune_trainer.test_asr import TINY, protocol_lines, run_in_process
+from tests.speechtune_trainer.test_cli import refused_before_torch
 
 pytestmark = pytest.mark.trainer
 
@@ -36,17 +35,8 @@ def test_the_encoder_decoder_matrix_includes_attention():
         (["--decoder", "attention", "--ctc-weight", "0.3"], "--ctc-weight only applies to --decoder hybrid, not --decoder attention"),
     ],
 )
-def test_bad_attention_flags_exit_2_naming_the_flag_before_importing_torch(tmp_path, flags, message):
-    for split in ("train", "dev"):
-        (tmp_path / f"{split}_manifest.json").write_text("")
-    probe = (
-        "import sys; from speechtune_trainer.cli import main; "
-        f"rc = main(['asr', '--data', {str(tmp_path)!r}, *{flags!r}]); "
-        "assert 'torch' not in sys.modules and 'nemo' not in sys.modules; sys.exit(rc)"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
+def test_bad_attention_flags_exit_2_naming_the_flag_before_importing_torch(data_dir, flags, message):
+    assert message in refused_before_torch("asr", data_dir, flags)
 
 
 def test_attention_flags_build_nemos_transformer_decoder_config():

@@ -16,14 +16,6 @@ from speechtune_trainer.train import training_manifest
 PACKAGE = Path(cli.__file__).parent
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A data directory that passes the manifest check (the flags are rejected before any audio is read)."""
-    for split in ("train", "dev"):
-        (tmp_path / f"{split}_manifest.json").write_text("")
-    return tmp_path
-
-
 def parse(*flags: str) -> object:
     return cli.build_parser().parse_args(cli.with_dashes(["asr", "--data", "d", *flags]))
 
@@ -179,14 +171,20 @@ def test_unknown_encoder_is_a_usage_error(data_dir, capsys):
 )
 def test_rejection_is_fast_and_imports_no_torch(data_dir, flags, message):
     """The console script rejects bad flags before importing torch or NeMo."""
+    assert message in refused_before_torch("asr", data_dir, flags)
+
+
+def refused_before_torch(command: str, data_dir: Path, flags: list[str]) -> str:
+    """The stderr of ``command --data data_dir flags``, in a fresh interpreter, which must exit 2 without
+    having imported torch or NeMo."""
     probe = (
         "import sys; from speechtune_trainer.cli import main; "
-        f"rc = main(['asr', '--data', {str(data_dir)!r}, *{flags!r}]); "
+        f"rc = main([{command!r}, '--data', {str(data_dir)!r}, *{flags!r}]); "
         "assert 'torch' not in sys.modules and 'nemo' not in sys.modules; sys.exit(rc)"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
-    assert message in done.stderr
+    return done.stderr
 
 
 def test_noam_lr_is_converted_to_nemos_multiplier():

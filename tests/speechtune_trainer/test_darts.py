@@ -5,9 +5,7 @@ bad flags are rejected before torch's import.
 
 from __future__ import annotations
 
-import importlib
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import pytest
 
 from speechtune.protocol import parse_line
 from speechtune_trainer import blocks, cli, config
+from tests.speechtune_trainer.test_cli import refused_before_torch
+from tests.speechtune_trainer.test_connections import build, encoder_args
 
 pytestmark = pytest.mark.trainer
 
@@ -59,20 +59,6 @@ def test_search_reports_each_epoch_resumes_and_its_final_params_retrain_with_asr
 
 # -- the built modules (no data, no training) ----------------------------------------------------
 
-
-def encoder_args(*flags: str):
-    return cli.build_parser().parse_args(
-        cli.with_dashes(["asr", "--data", "d", "--num-layers", "2", "--d-model", "32", "--n-mels", "16", *flags])
-    )
-
-
-def build(cfg: dict, seed: int = 0):
-    import torch
-
-    options = dict(cfg)
-    module, _, name = options.pop("_target_").rpartition(".")
-    torch.manual_seed(seed)
-    return getattr(importlib.import_module(module), name)(**options).eval()
 
 
 def encode(encoder):
@@ -161,13 +147,6 @@ def test_the_derived_network_runs_each_layers_argmax_block():
 # -- flags, before torch -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    for split in ("train", "dev"):
-        (tmp_path / f"{split}_manifest.json").write_text("")
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     ("command", "flags", "message"),
     [
@@ -184,14 +163,7 @@ def data_dir(tmp_path: Path) -> Path:
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag_before_torch(data_dir, command, flags, message):
-    probe = (
-        "import sys; from speechtune_trainer.cli import main; "
-        f"rc = main([{command!r}, '--data', {str(data_dir)!r}, *{flags!r}]); "
-        "assert 'torch' not in sys.modules and 'nemo' not in sys.modules; sys.exit(rc)"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
+    assert message in refused_before_torch(command, data_dir, flags)
 
 
 def test_split_holds_out_the_share_spread_over_the_manifest():
