@@ -5,7 +5,8 @@ The engine stores a run's last metrics with its trial (`metrics`, or `metrics_<l
 ladder), so each run's cost lands in Optuna storage next to its WER, and the benchmark reads
 both from there: `run_cpu_s` (user + system CPU of the trainer process), `run_wall_s`,
 `run_epochs_s` (the trainer's own epoch_seconds summed: training and validation, no start-up)
-and `run_end` (when it ended, to order runs).
+and `run_end` (when it ended, to order runs). The final line's other fields (a `nas-darts` run's derived
+`params`) are passed on unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
     for raw in process.stdout:
         line = parse_line(raw)
         if line is not None and line.final:
-            final = line.metrics  # printed again below, with the cost added
+            final = {**line.metrics, **line.extra}  # printed again below, with the cost added (and params, if any)
             continue
         sys.stdout.buffer.write(raw)
         sys.stdout.flush()
