@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import select
-import signal
 from pathlib import Path
 
 import optuna
@@ -21,11 +18,8 @@ from optuna.trial import TrialState
 from speechtune import record
 from speechtune.backend import format_value
 from speechtune.k8s.manifests import CHECKPOINT_MOUNT, TRIAL_LABEL
-from tests.speechtune.k8s.helpers import (
-    REPO, bound_claim, delete_studies, free_port, get_json, healthy, operator_running, start_operator, stop_operator,
-    wait_for_study_end, wait_until,
-)
-from tests.speechtune.k8s.test_stages import study_events, watch_for_event
+from tests.speechtune.k8s.helpers import REPO, bound_claim, get_json, operator_running, wait_for_study_end
+from tests.speechtune.k8s.test_stages import killed_at_event, study_events
 
 pytestmark = pytest.mark.cluster
 TTS = REPO / "examples" / "k8s" / "tts-two-stage.yaml"
@@ -55,25 +49,12 @@ def test_the_vocoder_stages_load_the_best_acoustic_checkpoint_also_after_a_kill_
     body = yaml.safe_load(TTS.read_text())
     body["spec"]["trialTemplate"]["args"] += [f"--ledger={ledger}"]
     body["spec"]["stages"][2]["trialTemplate"]["args"] += [f"--ledger={ledger}"]  # the vocoder stages' (one YAML anchor)
-    log_path, port = tmp_path / "operator.log", free_port()
+    log_path = tmp_path / "operator.log"
     with bound_claim(cluster, kube_namespace, "tts-checkpoints", claim_dir):
-        watch = watch_for_event(cluster, kube_namespace, "tts-two-stage", "Handoff")
-        operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-        try:
-            wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
-            cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
-            ready, _, _ = select.select([watch.stdout], [], [], 300)  # the first Handoff: vocoder-default starts
-            os.kill(operator.pid, signal.SIGKILL)
-            operator.wait()
-            assert ready and watch.stdout.readline().startswith("event/"), "no Handoff within 300 s"
-            operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-            status = wait_for_study_end(cluster, kube_namespace, "tts-two-stage", timeout=400)
-            jobs = jobs_by_trial(cluster, kube_namespace, "tts-two-stage")
-            events = study_events(cluster, kube_namespace, "tts-two-stage")
-        finally:
-            watch.kill()
-            delete_studies(cluster, kube_namespace)
-            stop_operator(operator)
+        status, (jobs, events) = killed_at_event(  # the first Handoff: vocoder-default starts
+            cluster, kube_namespace, postgres_url, body, "Handoff", log_path, event_timeout=300, timeout=400,
+            collect=lambda: (jobs_by_trial(cluster, kube_namespace, "tts-two-stage"),
+                             study_events(cluster, kube_namespace, "tts-two-stage")))
     assert status["state"] == "Succeeded", (status, log_path.read_text()[-3000:])
     assert [(entry["name"], entry["kind"], entry["state"], entry["trials"]) for entry in status["stages"]] == [
         (name, kind, "Succeeded", trials) for name, kind, trials in TTS_BUDGETS], status["stages"]

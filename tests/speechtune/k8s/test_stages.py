@@ -113,28 +113,40 @@ def watch_for_event(cluster, namespace: str, name: str, reason: str) -> subproce
                             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
+def killed_at_event(cluster, namespace: str, postgres_url: str, body: dict, reason: str, log_path, *,
+                    event_timeout: float, timeout: float, collect) -> tuple[dict, object]:
+    """Apply ``body``, SIGKILL the operator the moment the study's first Event of ``reason`` is posted, start it
+    again and wait for the study's end: its status and what ``collect()`` gathers then, with the study deleted
+    and the operator stopped afterwards."""
+    name = body["metadata"]["name"]
+    port = free_port()
+    watch = watch_for_event(cluster, namespace, name, reason)
+    operator = start_operator(cluster, namespace, postgres_url, log_path, port)
+    try:
+        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+        ready, _, _ = select.select([watch.stdout], [], [], event_timeout)
+        os.kill(operator.pid, signal.SIGKILL)
+        operator.wait()
+        assert ready and watch.stdout.readline().startswith("event/"), f"no {reason} within {event_timeout} s"
+        operator = start_operator(cluster, namespace, postgres_url, log_path, port)
+        status = wait_for_study_end(cluster, namespace, name, timeout=timeout)
+        return status, collect()
+    finally:
+        watch.kill()
+        delete_studies(cluster, namespace)
+        stop_operator(operator)
+
+
 def test_operator_killed_at_a_stage_transition_reruns_no_stage_and_no_trial(crds, kube_namespace, postgres_url, tmp_path):
     cluster = crds
     ledger = tmp_path / "ledger"
     body = staged("transition", [f"--ledger={ledger}"])
-    log_path, port = tmp_path / "operator.log", free_port()
-    watch = watch_for_event(cluster, kube_namespace, "transition", "StageFinished")
-    operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-    try:
-        wait_until(lambda: healthy(port), timeout=30, what="the operator's liveness endpoint")
-        cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(body))
-        ready, _, _ = select.select([watch.stdout], [], [], 120)  # the first StageFinished: the baseline has ended
-        os.kill(operator.pid, signal.SIGKILL)
-        operator.wait()
-        assert ready and watch.stdout.readline().startswith("event/"), "no StageFinished within 120 s"
-        operator = start_operator(cluster, kube_namespace, postgres_url, log_path, port)
-        status = wait_for_study_end(cluster, kube_namespace, "transition", timeout=240)
-        jobs = get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=transition")["items"]
-        events = study_events(cluster, kube_namespace, "transition")
-    finally:
-        watch.kill()
-        delete_studies(cluster, kube_namespace)
-        stop_operator(operator)
+    log_path = tmp_path / "operator.log"
+    status, (jobs, events) = killed_at_event(  # the first StageFinished: the baseline has ended
+        cluster, kube_namespace, postgres_url, body, "StageFinished", log_path, event_timeout=120, timeout=240,
+        collect=lambda: (get_json(cluster, "jobs", "-n", kube_namespace, "-l", "speechtune.io/study=transition")["items"],
+                         study_events(cluster, kube_namespace, "transition")))
     assert status["state"] == "Succeeded", (status, log_path.read_text()[-3000:])
     check_stages(status)
     check_events(events)
