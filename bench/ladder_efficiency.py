@@ -479,15 +479,22 @@ def main() -> None:
         write(args.out, args, studies, command)
         return
     ensure_data(args)
-    folder = args.workdir or Path(tempfile.mkdtemp(prefix="ladder-bench-"))
+    run_todo(todo, studies, args, command, "ladder-bench-", run_study, write)
+
+
+def run_todo(todo: list[tuple[str, int]], studies: list[dict], args: argparse.Namespace, command: str, prefix: str,
+             run_one, write_out) -> None:
+    """Run each (arm, seed) study in turn in args.workdir (else a new temp dir), rewriting --out after each,
+    so an interrupted benchmark keeps what it finished."""
+    folder = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
     folder.mkdir(parents=True, exist_ok=True)
     print(f"# workdir {folder}; {os.cpu_count()} CPUs; load {os.getloadavg()}", flush=True)
     for arm, seed in todo:
-        studies.append(run_study(arm, seed, args, folder))
+        studies.append(run_one(arm, seed, args, folder))
         last = studies[-1]
         print(f"# {arm} seed {seed}: {last['outcome']} {last['message']}; {len(last['runs'])} runs, "
               f"{sum(r['cpu'] for r in last['runs']):.0f} CPU-s, {last['wall_s']:.0f} s wall", flush=True)
-        write(args.out, args, studies, command)
+        write_out(args.out, args, studies, command)
 
 
 if __name__ == "__main__":

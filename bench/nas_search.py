@@ -37,7 +37,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from speechtune_trainer import blocks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blocks_run import blocks_argv  # noqa: E402
 from ladder_efficiency import (  # noqa: E402
+    run_todo,
     best_at,
     curve,
     log,
@@ -304,15 +304,7 @@ def main() -> None:
             for arm in args.arms[index % len(args.arms):] + args.arms[: index % len(args.arms)]
             if not any(s["arm"] == arm and s["seed"] == seed for s in reused)]
     studies = list(reused)
-    folder = args.workdir or Path(tempfile.mkdtemp(prefix="nas-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"# workdir {folder}; {os.cpu_count()} CPUs; load {os.getloadavg()}", flush=True)
-    for arm, seed in todo:
-        studies.append(run_study(arm, seed, args, folder))
-        last = studies[-1]
-        print(f"# {arm} seed {seed}: {last['outcome']} {last['message']}; {len(last['runs'])} runs, "
-              f"{sum(r['cpu'] for r in last['runs']):.0f} CPU-s, {last['wall_s']:.0f} s wall", flush=True)
-        write(args.out, args, studies, command)
+    run_todo(todo, studies, args, command, "nas-bench-", run_study, write)
     if not todo:
         write(args.out, args, studies, command)
 
