@@ -468,18 +468,23 @@ def main() -> None:
         print(json.dumps(summarize(old["studies"], args.budget, old["args"].get("rank")), indent=1))
         return
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    reused = reusable(args)
-    for s in reused:
-        print(f"# reusing {s['arm']} seed {s['seed']} from {args.out}", flush=True)
-    todo = [(arm, seed) for index, seed in enumerate(args.seeds)
-            for arm in args.arms[index % len(args.arms):] + args.arms[: index % len(args.arms)]
-            if not any(s["arm"] == arm and s["seed"] == seed for s in reused)]
-    studies = list(reused)
+    studies, todo = planned(args, reusable(args))
     if not todo:  # nothing new to run: still write the summary for these settings
         write(args.out, args, studies, command)
         return
     ensure_data(args)
     run_todo(todo, studies, args, command, "ladder-bench-", run_study, write)
+
+
+def planned(args: argparse.Namespace, reused: list[dict]) -> tuple[list[dict], list[tuple[str, int]]]:
+    """``reused`` (the studies already in --out for these settings), and the (arm, seed) studies left to run,
+    the arm order rotated by seed so that machine load falls on each arm alike."""
+    for s in reused:
+        print(f"# reusing {s['arm']} seed {s['seed']} from {args.out}", flush=True)
+    todo = [(arm, seed) for index, seed in enumerate(args.seeds)
+            for arm in args.arms[index % len(args.arms):] + args.arms[: index % len(args.arms)]
+            if not any(s["arm"] == arm and s["seed"] == seed for s in reused)]
+    return list(reused), todo
 
 
 def run_todo(todo: list[tuple[str, int]], studies: list[dict], args: argparse.Namespace, command: str, prefix: str,

@@ -51,6 +51,7 @@ from speechtune_trainer import blocks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blocks_run import blocks_argv  # noqa: E402
 from ladder_efficiency import (  # noqa: E402
+    planned,
     run_todo,
     best_at,
     curve,
@@ -297,13 +298,7 @@ def main() -> None:
         return
     choices(args.candidates)
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    reused = reusable(args)
-    for s in reused:
-        print(f"# reusing {s['arm']} seed {s['seed']} from {args.out}", flush=True)
-    todo = [(arm, seed) for index, seed in enumerate(args.seeds)
-            for arm in args.arms[index % len(args.arms):] + args.arms[: index % len(args.arms)]
-            if not any(s["arm"] == arm and s["seed"] == seed for s in reused)]
-    studies = list(reused)
+    studies, todo = planned(args, reusable(args))
     run_todo(todo, studies, args, command, "nas-bench-", run_study, write)
     if not todo:
         write(args.out, args, studies, command)
